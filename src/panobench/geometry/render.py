@@ -31,13 +31,13 @@ global token geometry stays a plain lon/lat grid (see ``rays._global_rays``)."""
 def _as_batch(erp: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if not isinstance(erp, torch.Tensor):
         raise InputError(f"ERP must be a torch.Tensor [B,C,H,W] or [C,H,W], got {type(erp).__name__}")
-    if erp.ndim == 3:
-        return erp.unsqueeze(0), True
-    if erp.ndim != 4:
+    if erp.ndim not in (3, 4):
         raise InputError(f"ERP must have shape [B,C,H,W] or [C,H,W], got {tuple(erp.shape)}")
     if erp.dtype != torch.uint8 and not erp.is_floating_point():
         raise InputError(f"ERP dtype must be uint8 or floating point, got {erp.dtype}")
-    return erp, False
+    if erp.shape[-1] < 2 or erp.shape[-2] < 2:
+        raise InputError(f"ERP must be at least 2x2 pixels, got {tuple(erp.shape)}")
+    return (erp.unsqueeze(0), True) if erp.ndim == 3 else (erp, False)
 
 
 def _check_size(size: int) -> None:
@@ -97,9 +97,8 @@ def render_tiles(erp: torch.Tensor, plan: TilePlan, size: int) -> torch.Tensor:
     _check_size(size)
     batch, unbatched = _as_batch(erp)
     b, c, h, w = batch.shape
-    work_dtype = batch.dtype if batch.is_floating_point() and batch.dtype != torch.float16 else torch.float32
-    if batch.device.type == "cpu" and batch.dtype in (torch.float16, torch.bfloat16):
-        work_dtype = torch.float32
+    # Sample in float32 (float64 input stays float64): half precision would cost more than the 1-level budget.
+    work_dtype = torch.float64 if batch.dtype == torch.float64 else torch.float32
     grid = _tile_grid(plan, size, h, w, batch.device).to(work_dtype)
     padded = _pad_erp(batch, work_dtype)
     out = F.grid_sample(padded, grid.expand(b, -1, -1, -1), mode="bilinear", padding_mode="border",
@@ -121,7 +120,7 @@ def render_global(erp: torch.Tensor, size: int) -> torch.Tensor:
     """
     _check_size(size)
     batch, unbatched = _as_batch(erp)
-    work = batch.float() if batch.dtype in (torch.uint8, torch.float16, torch.bfloat16) else batch
+    work = batch if batch.dtype == torch.float64 else batch.float()
     out = F.interpolate(work, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     out = _to_output_dtype(out, batch.dtype)
     return out[0] if unbatched else out
