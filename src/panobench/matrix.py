@@ -1,0 +1,226 @@
+"""The experiment matrix: workflow config -> cells, their ids, paths and resolved run configs.
+
+The Snakemake workflow (``rules/common.smk``) imports this module so that cell ids and paths have one definition;
+Python code never imports Snakemake. A cell is one (overlap, resampler, vision checkpoint, seed) combination; a
+vision checkpoint is ``pretrained`` (no stage 1), an existing ``path``, or a ``train`` recipe trained once with
+stage 1 and shared by every cell that names it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from panobench.config import config_to_dict, run_config_from_dict
+from panobench.errors import ConfigError
+
+CROP = "anyres-e2p"                       # the seed's crop name, kept in the checkpoint layout
+TRAIN_STAGES = ("resampler", "finetune")  # stages trained per cell
+EVAL_STAGES = ("baseline", "resampler", "finetune")  # baseline = untrained stage-2 start weights
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class VisionCheckpoint:
+    name: str
+    kind: str                            # "pretrained" | "path" | "train"
+    path: str | None = None              # kind == "path"
+    overlap: float | None = None         # kind == "train": the stage-1 recipe
+    resampler: str | None = None
+    seed: int | None = None
+
+    @property
+    def recipe_id(self) -> str:
+        return f"vision-{self.name}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    overlap: float
+    fov: float
+    resampler: str
+    vision: VisionCheckpoint
+    seed: int
+
+    @property
+    def cell_id(self) -> str:
+        return f"ov{self.overlap:.2f}_fov{self.fov:g}_{self.resampler}_vis-{self.vision.name}_seed{self.seed}"
+
+    def knobs(self) -> dict[str, Any]:
+        return {"overlap": self.overlap, "fov": self.fov, "resampler": self.resampler,
+                "vision_checkpoint": self.vision.name, "seed": self.seed}
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _SAFE_NAME.match(value):
+        raise ConfigError(f"{what} {value!r} must match {_SAFE_NAME.pattern} (it becomes part of file names)")
+    return value
+
+
+def vision_checkpoints(wf: dict[str, Any]) -> list[VisionCheckpoint]:
+    out = []
+    for i, entry in enumerate(wf["matrix"]["vision_checkpoints"]):
+        name = _check_name(entry.get("name"), f"matrix.vision_checkpoints[{i}].name")
+        if "train" in entry:
+            recipe = entry["train"]
+            out.append(VisionCheckpoint(name, "train", overlap=float(recipe["overlap"]),
+                                        resampler=_check_name(recipe["resampler"], "recipe resampler"),
+                                        seed=int(recipe.get("seed", 0))))
+        elif "path" in entry:
+            out.append(VisionCheckpoint(name, "path", path=str(entry["path"])))
+        else:
+            out.append(VisionCheckpoint(name, "pretrained"))
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"matrix.vision_checkpoints: duplicate names in {names}")
+    return out
+
+
+def expand_cells(wf: dict[str, Any]) -> list[Cell]:
+    """All cells of the matrix, in a stable order."""
+    matrix = wf["matrix"]
+    fov = float(wf["run"].get("geometry", {}).get("fov", 90.0))
+    cells = []
+    for vis in vision_checkpoints(wf):
+        for overlap in matrix["overlaps"]:
+            for resampler in matrix["resamplers"]:
+                _check_name(resampler, "resampler")
+                for seed in matrix["seeds"]:
+                    cells.append(Cell(float(overlap), fov, resampler, vis, int(seed)))
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("matrix expands to duplicate cell ids (repeated overlaps/resamplers/seeds?)")
+    return cells
+
+
+def vision_recipes(wf: dict[str, Any]) -> list[VisionCheckpoint]:
+    """Stage-1 recipes that some cell uses (each trained once)."""
+    return [v for v in vision_checkpoints(wf) if v.kind == "train"]
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def runs_root(wf: dict[str, Any]) -> str:
+    return f"{wf.get('runs_dir', 'runs')}/{wf['name']}"
+
+
+def stage_dir(wf: dict[str, Any], experiment: str, stage: str, resampler: str) -> str:
+    """The seed's layout: runs/<experiment>/<stage>/<crop>_<resampler>/ (experiment = cell or recipe id)."""
+    return f"{runs_root(wf)}/{experiment}/{stage}/{CROP}_{resampler}"
+
+
+def config_path(wf: dict[str, Any], experiment: str) -> str:
+    return f"results/{wf['name']}/configs/{experiment}.yaml"
+
+
+def eval_dir(wf: dict[str, Any], cell_id: str, stage: str) -> str:
+    return f"{runs_root(wf)}/{cell_id}/eval/{stage}"
+
+
+def vision_checkpoint_file(wf: dict[str, Any], vis: VisionCheckpoint) -> str | None:
+    if vis.kind == "train":
+        return f"{stage_dir(wf, vis.recipe_id, 'vision', vis.resampler)}/best.ckpt"
+    if vis.kind == "path":
+        return vis.path
+    return None
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve(wf: dict[str, Any], experiment: str, overlap: float, resampler: str, seed: int,
+             vis: VisionCheckpoint | None) -> dict[str, Any]:
+    run = copy.deepcopy(wf.get("run", {}))
+    params = copy.deepcopy(wf.get("resampler_params", {}).get(resampler, {}))
+    knobs: dict[str, Any] = {
+        "name": wf["name"],
+        "cell_id": experiment,
+        "seed": seed,
+        "runs_dir": wf.get("runs_dir", "runs"),
+        "geometry": {"overlap": overlap},
+        "resampler": {"type": resampler, "params": params},
+    }
+    if vis is not None:
+        knobs["vision"] = {"checkpoint": vision_checkpoint_file(wf, vis), "checkpoint_name": vis.name}
+    data = _deep_merge(run, knobs)
+    # Validate now: a bad matrix fails when the DAG is built, not hours later in a job.
+    return config_to_dict(run_config_from_dict(data))
+
+
+def resolve_cell(wf: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """The complete run config of one cell, as plain data (validated)."""
+    return _resolve(wf, cell.cell_id, cell.overlap, cell.resampler, cell.seed, cell.vision)
+
+
+def resolve_recipe(wf: dict[str, Any], vis: VisionCheckpoint) -> dict[str, Any]:
+    """The run config that trains a stage-1 (vision) recipe."""
+    assert vis.kind == "train"
+    return _resolve(wf, vis.recipe_id, float(vis.overlap), str(vis.resampler), int(vis.seed or 0), None)
+
+
+def experiments(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """experiment id (cell or recipe) -> resolved run config."""
+    out = {v.recipe_id: resolve_recipe(wf, v) for v in vision_recipes(wf)}
+    out.update({c.cell_id: resolve_cell(wf, c) for c in expand_cells(wf)})
+    return out
+
+
+def manifest(wf: dict[str, Any]) -> dict[str, Any]:
+    """What the aggregation step expects to find: every cell with its knobs and file paths."""
+    cells = []
+    for cell in expand_cells(wf):
+        cid = cell.cell_id
+        cells.append({
+            "cell_id": cid,
+            "knobs": cell.knobs(),
+            "config": config_path(wf, cid),
+            "stages": {
+                stage: {
+                    "run_dir": stage_dir(wf, cid, stage, cell.resampler),
+                    "measurements": f"{stage_dir(wf, cid, stage, cell.resampler)}/measurements.json",
+                    "log": f"logs/{wf['name']}/train_{stage}/{cid}.log",
+                    "benchmark": f"benchmarks/{wf['name']}/train_{stage}/{cid}.tsv",
+                }
+                for stage in TRAIN_STAGES
+            },
+            "evals": {
+                stage: {
+                    "predictions": f"{eval_dir(wf, cid, stage)}/predictions.csv",
+                    "metrics": f"{eval_dir(wf, cid, stage)}/metrics.json",
+                    "log": f"logs/{wf['name']}/generate/{cid}_{stage}.log",
+                }
+                for stage in EVAL_STAGES
+            },
+        })
+    recipes = [{"recipe_id": v.recipe_id, "name": v.name,
+                "measurements": f"{stage_dir(wf, v.recipe_id, 'vision', str(v.resampler))}/measurements.json"}
+               for v in vision_recipes(wf)]
+    return {"name": wf["name"], "cells": cells, "vision_recipes": recipes,
+            "overlaps": [float(o) for o in wf["matrix"]["overlaps"]]}
+
+
+def tiles_sheet_path(wf: dict[str, Any], overlap: float) -> str:
+    return f"results/{wf['name']}/tiles/ov{overlap:.2f}.png"
+
+
+def report_dir(wf: dict[str, Any]) -> str:
+    return f"reports/{wf['name']}"
+
+
+def resolve_path(path: str, base: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(base) / p

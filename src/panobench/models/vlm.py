@@ -1,0 +1,178 @@
+"""PanoVLM: ERP panorama -> anyres-e2p views -> SigLIP tokens -> resampler -> PE + stitching -> projector -> Qwen3.
+
+Shapes (einops letters): B batch, V views (tiles + global), S patch tokens per view, N' resampled tokens per view,
+T vision tokens fed to the LM (after stitching), L text length, Dv vision width, Dr resampler width, D LM width.
+
+The LM computes logits only at text positions that carry a target (SPEC §8: logits over vision positions were
+most of the memory of the naive step), via the decoder's hidden states and the LM head applied to selected rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from panobench.config import RunConfig
+from panobench.geometry.rays import view_geometry
+from panobench.geometry.render import render_views
+from panobench.geometry.tiling import plan_tiles
+from panobench.models.pe import PanoramaPE, token_layout
+from panobench.models.resamplers import build_resampler
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class VisionEncoder(nn.Module):
+    """SigLIP vision tower wrapper: pixel views [B·V, 3, H, W] (uint8-rendered, normalised here) -> [B·V, S, Dv]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.image_size = int(cfg.image_size)
+        self.patch_size = int(cfg.patch_size)
+        self.hidden_size = int(cfg.hidden_size)
+        self.num_layers = int(cfg.num_hidden_layers)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.model.vision_model.encoder.layers
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # SigLIP's processor normalises with mean = std = 0.5: x in [0, 255] -> [-1, 1].
+        x = pixels.float().div(127.5).sub(1.0).to(next(self.model.parameters()).dtype)
+        return self.model(pixel_values=x).last_hidden_state
+
+
+class PanoVLM(nn.Module):
+    """The benchmarked model family. Built from the resolved config plus already-loaded backbones."""
+
+    def __init__(self, cfg: RunConfig, vision_model: nn.Module, language_model: nn.Module, placeholder_id: int,
+                 pad_id: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.placeholder_id = int(placeholder_id)
+        self.pad_id = int(pad_id)
+        self.plan = plan_tiles(cfg.geometry.overlap, cfg.geometry.fov, cfg.geometry.pitch_rows)
+        self.vision = VisionEncoder(vision_model)
+        self.geometry = view_geometry(self.plan, self.vision.grid, include_global=cfg.geometry.include_global)
+        self.num_views = int(self.geometry.rays.shape[0])
+        self.resampler = build_resampler(cfg.resampler.type, self.vision.hidden_size, dict(cfg.resampler.params),
+                                         allow_reference_on_cuda=cfg.resampler.allow_reference_on_cuda)
+        s = self.vision.grid**2
+        n_out = self.resampler.num_output_tokens(s)
+        self.layout = token_layout(self.geometry, self.resampler.output_grid(self.vision.grid),
+                                   self.resampler.pool_factor, n_out, cfg.stitching)
+        self.register_buffer("keep_index", self.layout.keep.flatten().nonzero().squeeze(1), persistent=False)
+        lm_dim = int(language_model.config.hidden_size)
+        self.projector = nn.Sequential(nn.Linear(self.resampler.out_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+        self.pe = PanoramaPE(self.layout, cfg.pe, lm_dim) if cfg.pe.enabled else None
+        self.lm = language_model
+
+    # -------------------------------------------------------------------------------- shapes & records
+    @property
+    def num_visual_tokens(self) -> int:
+        """T: vision tokens per sample that enter the LM."""
+        return int(self.keep_index.numel())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "num_tiles": self.plan.num_tiles,
+            "num_views": self.num_views,
+            "nominal_overlap": self.plan.nominal_overlap,
+            "effective_overlap": self.plan.effective_overlap,
+            "vision_tokens_per_view": self.vision.grid**2,
+            "resampled_tokens_per_view": self.layout.tokens_per_view,
+            "visual_tokens_per_sample": self.num_visual_tokens,
+            "stitching": self.cfg.stitching,
+            "kernel_path": getattr(self.resampler, "kernel_path", "torch"),
+        }
+
+    def causal_lm(self) -> nn.Module:
+        """The underlying *ForCausalLM (inside a peft wrapper when LoRA is attached)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    # -------------------------------------------------------------------------------- vision path
+    def render(self, erp: torch.Tensor) -> torch.Tensor:
+        """ERP batch [B, 3, H, W] uint8 -> views [B, V, 3, S, S] uint8 (tiles in yaw order, global last)."""
+        return render_views(erp, self.plan, self.vision.image_size, include_global=self.cfg.geometry.include_global)
+
+    def vision_tokens(self, erp: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> SigLIP patch tokens [B, V, S, Dv]."""
+        views = self.render(erp)
+        b, v = views.shape[:2]
+        tokens = self.vision(views.flatten(0, 1))
+        return tokens.view(b, v, *tokens.shape[1:])
+
+    def encode_images(self, erp: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> stitched LM-space vision embeddings [B, T, D]."""
+        tokens = self.vision_tokens(erp)                                 # [B, V, S, Dv]
+        b, v = tokens.shape[:2]
+        resampled = self.resampler(tokens.flatten(0, 1))                  # [B·V, N', Dr]
+        embeds = self.projector(resampled).view(b, v, resampled.shape[1], -1)  # [B, V, N', D]
+        if self.pe is not None:
+            embeds = embeds + self.pe().to(embeds.dtype)
+        embeds = embeds.flatten(1, 2)                                     # [B, V·N', D]
+        return embeds.index_select(1, self.keep_index)                    # [B, T, D]
+
+    # -------------------------------------------------------------------------------- fusion
+    def _merge(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: torch.Tensor,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace the single placeholder token of each row by the T vision embeddings.
+
+        input_ids/attention_mask/labels: [B, L]; vision: [B, T, D] -> embeds [B, L-1+T, D], mask, labels.
+        """
+        embed_layer = self.lm.get_input_embeddings()
+        is_ph = input_ids == self.placeholder_id
+        counts = is_ph.sum(1)
+        if not bool((counts == 1).all()):
+            raise ValueError(f"each prompt must hold exactly one vision placeholder; found {counts.tolist()}")
+        pos = is_ph.float().argmax(1)
+        text = embed_layer(input_ids.masked_fill(is_ph, self.pad_id))
+        t = vision.shape[1]
+        out_e, out_m, out_l = [], [], []
+        ones = attention_mask.new_ones(t)
+        for i in range(input_ids.shape[0]):
+            p = int(pos[i])
+            out_e.append(torch.cat([text[i, :p], vision[i].to(text.dtype), text[i, p + 1:]]))
+            out_m.append(torch.cat([attention_mask[i, :p], ones, attention_mask[i, p + 1:]]))
+            if labels is not None:
+                out_l.append(torch.cat([labels[i, :p], labels.new_full((t,), IGNORE_INDEX), labels[i, p + 1:]]))
+        merged_labels = torch.stack(out_l) if labels is not None else None
+        return torch.stack(out_e), torch.stack(out_m), merged_labels
+
+    def forward(self, erp: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Captioning loss on answer tokens only; logits are computed only where a target exists."""
+        vision = self.encode_images(erp)
+        embeds, mask, labels = self._merge(input_ids, attention_mask, vision, labels)
+        causal = self.causal_lm()
+        decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state   # [B, L', D]
+        targets = labels[:, 1:]
+        select = targets != IGNORE_INDEX
+        h = hidden[:, :-1][select]                                        # [M, D] rows with a target
+        logits = causal.lm_head(h).float()                                # [M, vocab], fp32 for a stable CE
+        loss = F.cross_entropy(logits, targets[select])
+        return {"loss": loss, "num_targets": select.sum(), "seq_len": torch.tensor(embeds.shape[1])}
+
+    @torch.no_grad()
+    def generate(self, erp: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
+                 eos_token_id: list[int] | int | None = None) -> torch.Tensor:
+        """Greedy/beam decoding with KV cache from left-padded prompts; returns only the new token ids [B, n]."""
+        vision = self.encode_images(erp)
+        embeds, mask, _ = self._merge(input_ids, attention_mask, vision)
+        causal = self.causal_lm()
+        return causal.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               num_beams=num_beams, do_sample=do_sample, eos_token_id=eos_token_id,
+                               pad_token_id=self.pad_id, use_cache=True)

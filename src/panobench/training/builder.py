@@ -1,0 +1,170 @@
+"""Build a stage's system from a resolved config: backbones, PanoVLM, initial weights, LoRA, freezing.
+
+Initial weights per stage:
+- ``vision``: the pretrained vision tower (or random init for speed configs).
+- ``resampler``: the stage-1 checkpoint (``vision.checkpoint`` or ``--resume``) when given: its vision encoder is
+  loaded strictly; its resampler only if type and hyper-parameters match (else fresh init) — recorded as
+  ``resampler_init``.
+- ``finetune``: the same vision source, plus the stage-2 ``best.ckpt`` of this cell, loaded strictly; then LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from panobench.config import RunConfig, model_signature
+from panobench.data.prompts import PromptBuilder
+from panobench.errors import CheckpointError
+from panobench.models.backbones import load_language_model, load_tokenizer, load_vision_backbone
+from panobench.models.vlm import PanoVLM
+from panobench.training.stages import apply_freeze, component_of, declared_trainable
+from panobench.training.system import PanoVLMSystem, check_same_run
+
+logger = logging.getLogger(__name__)
+
+CROP = "anyres-e2p"
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    """runs/<name>/<experiment>/<stage>/<crop>_<resampler>/ — the seed's layout, one experiment per cell."""
+    return Path(cfg.runs_dir) / cfg.name / cfg.cell_id / stage / f"{CROP}_{cfg.resampler.type}"
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load with ``weights_only=True``; any failure is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not isinstance(ckpt.get("panobench"), dict):
+        raise CheckpointError(f"{path}: not a panobench checkpoint (no state_dict/panobench metadata)")
+    return ckpt
+
+
+@dataclass
+class Built:
+    system: PanoVLMSystem
+    prompts: PromptBuilder
+    tokenizer: Any
+    param_counts: dict[str, list[int]] = field(default_factory=dict)
+    resampler_init: str = "fresh"
+    init_sources: dict[str, str | None] = field(default_factory=dict)
+
+
+def _dtype(cfg: RunConfig) -> torch.dtype | None:
+    # Frozen backbones in bf16 when training in bf16: halves their memory; trainable parts stay fp32 (AMP).
+    return torch.bfloat16 if cfg.runtime.precision.startswith("bf16") else None
+
+
+def build_model(cfg: RunConfig) -> tuple[PanoVLM, Any, PromptBuilder]:
+    tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.name_or_path)
+    vision = load_vision_backbone(cfg.vision.name_or_path, init=cfg.vision.init, arch=dict(cfg.vision.arch))
+    lm = load_language_model(cfg.llm.name_or_path, init=cfg.llm.init, arch=dict(cfg.llm.arch), dtype=_dtype(cfg))
+    prompts = PromptBuilder(tokenizer, instruction_template=cfg.prompt_instruction)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = PanoVLM(cfg, vision, lm, placeholder_id=prompts.placeholder_id, pad_id=pad_id)
+    return model, tokenizer, prompts
+
+
+def _load_component(system: PanoVLMSystem, ckpt: dict[str, Any], comp: str, path: Path) -> None:
+    """Copy one component's tensors strictly: same key set, same shapes."""
+    own = {k: v for k, v in system.state_dict().items() if component_of(k) == comp}
+    theirs = {k: v for k, v in ckpt["state_dict"].items() if component_of(k) == comp}
+    if set(own) != set(theirs):
+        missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        raise CheckpointError(f"{path}: {comp} weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for k, v in theirs.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+    with torch.no_grad():
+        params = dict(system.named_parameters())
+        for k, v in theirs.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
+def _load_vision_checkpoint(system: PanoVLMSystem, cfg: RunConfig, path: Path) -> str:
+    """Stage-1 checkpoint -> vision encoder (strict) and, if compatible, the resampler. Returns resampler_init."""
+    ckpt = load_checkpoint_file(path)
+    meta = ckpt["panobench"]
+    if meta.get("stage") != "vision":
+        raise CheckpointError(f"{path}: expected a stage-1 (vision) checkpoint, got stage {meta.get('stage')!r}")
+    theirs, ours = meta["model_signature"]["vision"], model_signature(cfg)["vision"]
+    if theirs != ours:
+        raise CheckpointError(f"{path}: vision checkpoint was trained from {theirs}, this run uses {ours}")
+    _load_component(system, ckpt, "vision", path)
+    res = meta.get("resampler", {})
+    ckpt_has_resampler = any(component_of(k) == "resampler" for k in ckpt["state_dict"])
+    if ckpt_has_resampler and res.get("type") == cfg.resampler.type and \
+            res.get("config") == system.model.resampler.config_dict():
+        _load_component(system, ckpt, "resampler", path)
+        return "loaded"
+    logger.info("vision checkpoint %s: resampler %s does not match %s -> fresh resampler init", path,
+                res.get("type"), cfg.resampler.type)
+    return "fresh"
+
+
+def attach_lora(model: PanoVLM, cfg: RunConfig) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none")
+    model.lm = get_peft_model(model.lm, lora)
+
+
+def build_stage(cfg: RunConfig, stage: str, *, vision_checkpoint: str | None = None,
+                previous_stage_checkpoint: str | None = None, freeze: bool = True) -> Built:
+    """The system for ``stage`` with its initial weights and trainable set (asserted)."""
+    torch.manual_seed(cfg.seed)   # fresh resampler/projector/PE init is a function of the seed
+    model, tokenizer, prompts = build_model(cfg)
+    system = PanoVLMSystem(cfg, stage, model)
+    sources: dict[str, str | None] = {"vision": cfg.vision.name_or_path, "llm": cfg.llm.name_or_path}
+    resampler_init = "fresh"
+    vision_ckpt = vision_checkpoint or cfg.vision.checkpoint
+    if stage != "vision" and vision_ckpt:
+        resampler_init = _load_vision_checkpoint(system, cfg, Path(vision_ckpt))
+        sources["vision_checkpoint"] = str(vision_ckpt)
+    if stage == "finetune":
+        prev = Path(previous_stage_checkpoint or stage_dir(cfg, "resampler") / "best.ckpt")
+        ckpt = load_checkpoint_file(prev)
+        check_same_run(ckpt["panobench"], {"stage": "resampler", "model_signature": model_signature(cfg)},
+                       what=f"stage-2 checkpoint {prev}")
+        for comp in ("resampler", "projector", "pe"):
+            if any(component_of(k) == comp for k in system.state_dict()):
+                _load_component(system, ckpt, comp, prev)
+        sources["stage2_checkpoint"] = str(prev)
+        resampler_init = "stage2"
+        attach_lora(model, cfg)
+    counts: dict[str, list[int]] = {}
+    if freeze:
+        declared = declared_trainable(stage, resampler_has_grid=model.resampler.output_grid(model.vision.grid)
+                                      is not None, train_resampler=cfg.stages[stage].train_resampler)
+        prefixes = [f"model.vision.model.vision_model.encoder.layers.{i}." for i in range(model.vision.num_layers)]
+        counts = apply_freeze(system, stage, declared, cfg.vision.trainable_blocks, prefixes)
+    return Built(system, prompts, tokenizer, counts, resampler_init, sources)
+
+
+def load_stage_checkpoint(system: PanoVLMSystem, path: str | os.PathLike) -> dict[str, Any]:
+    """Evaluation: load a stage checkpoint strictly into a freshly built system of the same stage and config."""
+    path = Path(path)
+    ckpt = load_checkpoint_file(path)
+    check_same_run(ckpt["panobench"], system.checkpoint_metadata(), what=str(path))
+    expected = set(system.saved_keys())
+    got = set(ckpt["state_dict"])
+    if got != expected:
+        raise CheckpointError(f"{path}: keys differ from the model (missing {sorted(expected - got)[:3]}, "
+                              f"unexpected {sorted(got - expected)[:3]})")
+    system.load_state_dict(ckpt["state_dict"], strict=False)
+    return ckpt["panobench"]

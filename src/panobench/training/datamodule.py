@@ -1,0 +1,118 @@
+"""Data for training and evaluation: datasets, the shared prompt builder, collation, a resumable sampler.
+
+The training order is a pure function of (seed, step): ``ResumableSampler`` lays out the whole run's sample
+sequence (concatenated seeded permutations) and starts at the number of samples already consumed, so a run resumed
+from ``last.ckpt`` sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from panobench.config import RunConfig
+from panobench.data.csvdata import PanoramaCaptionDataset
+from panobench.data.prompts import PromptBuilder
+from panobench.models.vlm import IGNORE_INDEX
+
+
+class ResumableSampler(Sampler[int]):
+    """Yields ``total`` indices of a dataset of size ``n`` from ``start``: epoch e is randperm(n) seeded (seed, e)."""
+
+    def __init__(self, n: int, total: int, seed: int, start: int = 0) -> None:
+        self.n, self.total, self.seed, self.start = n, total, seed, start
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.n)
+        produced = self.start
+        while produced < self.total:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            for idx in order[offset:]:
+                if produced >= self.total:
+                    return
+                yield idx
+                produced += 1
+            epoch, offset = epoch + 1, 0
+
+
+class TrainCollator:
+    """Batch of dataset items -> erp [B,3,H,W] uint8, input_ids/attention_mask/labels [B, L] (right-padded)."""
+
+    def __init__(self, prompts: PromptBuilder, pad_id: int) -> None:
+        self.prompts, self.pad_id = prompts, pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        pairs = [self.prompts.training_example(it["query"], it["annotation"]) for it in items]
+        length = max(len(ids) for ids, _ in pairs)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(pairs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        return {"erp": torch.stack([it["erp"] for it in items]), "input_ids": input_ids, "attention_mask": mask,
+                "labels": labels}
+
+
+class GenerateCollator:
+    """Grouped eval items -> erp and left-padded prompt ids (batched generation needs left padding)."""
+
+    def __init__(self, prompts: PromptBuilder, pad_id: int) -> None:
+        self.prompts, self.pad_id = prompts, pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [self.prompts.prompt_ids(it["query"]) for it in items]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            input_ids[i, length - len(ids):] = torch.tensor(ids)
+            mask[i, length - len(ids):] = 1
+        return {"erp": torch.stack([it["erp"] for it in items]), "input_ids": input_ids, "attention_mask": mask,
+                "items": [{k: v for k, v in it.items() if k != "erp"} for it in items]}
+
+
+class PanoDataModule(pl.LightningDataModule):
+    """Train/valid loaders for one stage; the CSVs are validated (columns, paths) when set up."""
+
+    def __init__(self, cfg: RunConfig, stage: str, prompts: PromptBuilder, pad_id: int) -> None:
+        super().__init__()
+        self.cfg, self.stage = cfg, stage
+        self.stage_cfg = cfg.stages[stage]
+        self.collate = TrainCollator(prompts, pad_id)
+        self.start_sample = 0
+        self.train_set: PanoramaCaptionDataset | None = None
+        self.valid_set: PanoramaCaptionDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        size = (self.cfg.data.erp_height, self.cfg.data.erp_width)
+        if self.train_set is None:
+            self.train_set = PanoramaCaptionDataset(self.cfg.data.train_csv, self.cfg.data.root, erp_size=size)
+            self.valid_set = PanoramaCaptionDataset(self.cfg.data.valid_csv, self.cfg.data.root, erp_size=size)
+
+    def samples_per_step(self) -> int:
+        return self.stage_cfg.batch_size * self.stage_cfg.accumulate_grad_batches
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        # Resume: the trainer restored global_step before asking for the loader.
+        start = self.trainer.global_step * self.samples_per_step() if self.trainer is not None else 0
+        total = self.stage_cfg.max_steps * self.samples_per_step()
+        sampler = ResumableSampler(len(self.train_set), total, self.cfg.seed, start)
+        return DataLoader(self.train_set, batch_size=self.stage_cfg.batch_size, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
+                          persistent_workers=False, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.valid_set is not None
+        return DataLoader(self.valid_set, batch_size=self.stage_cfg.batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.cfg.data.num_workers)

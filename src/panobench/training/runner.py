@@ -1,0 +1,189 @@
+"""Train one stage of one cell end to end: build, check, fit (resuming from last.ckpt), measure, record.
+
+Completion marker: ``measurements.json`` is written last, atomically, keyed by the config hash. Re-running a
+finished stage with the same config is a no-op; a run directory holding another config is an error (defect 3 of
+the original code: a stale state file silently skipped stages).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import statistics
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from panobench.config import RunConfig, config_hash, config_to_dict, dump_run_config
+from panobench.errors import CheckpointError, ConfigError
+from panobench.measurement.throughput import (
+    count_flops,
+    device_peak_flops,
+    peak_gpu_memory_gib,
+    peak_host_rss_gib,
+    summarize_step_times,
+)
+from panobench.training.builder import build_stage, stage_dir
+from panobench.training.callbacks import ThroughputCallback
+from panobench.training.datamodule import PanoDataModule
+from panobench.utils.io import read_json, write_json_atomic
+from panobench.utils.repro import device_description, git_revision, package_versions, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def _accelerator(cfg: RunConfig) -> str:
+    if cfg.runtime.accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.runtime.accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.accelerator is 'cuda' but no CUDA device is available")
+    return cfg.runtime.accelerator
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig) -> bool:
+    """True if the stage already completed with this config; error if the directory belongs to another config."""
+    marker = run_dir / "measurements.json"
+    meta_file = run_dir / "checkpoint_metadata.json"
+    for f in (marker, meta_file):
+        if f.exists():
+            recorded = read_json(f).get("config_hash")
+            if recorded != config_hash(cfg):
+                raise CheckpointError(f"{run_dir} holds a run of another config (hash {recorded}, this config "
+                                      f"{config_hash(cfg)}); remove the directory or give this run another name")
+    return marker.exists()
+
+
+def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Train ``stage`` of the cell described by ``cfg``; returns the measurements record."""
+    out = Path(run_dir) if run_dir else stage_dir(cfg, stage)
+    if _check_run_dir(out, cfg):
+        logger.info("%s: stage %s already completed with config %s; nothing to do", out, stage, config_hash(cfg))
+        return read_json(out / "measurements.json")
+    if stage == "vision" and cfg.geometry.overlap <= 0.0:
+        raise ConfigError(f"stage 'vision' learns from overlapping tiles; geometry.overlap={cfg.geometry.overlap} "
+                          "has no overlap (use e.g. 0.5)")
+    seed_everything(cfg.seed)
+    if cfg.runtime.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stage_cfg = cfg.stages[stage]
+
+    built = build_stage(cfg, stage, vision_checkpoint=resume)
+    system = built.system
+    dump_run_config(cfg, out / "config.yaml")
+    write_json_atomic(out / "checkpoint_metadata.json", {
+        "config_hash": config_hash(cfg), "stage": stage, "cell_id": cfg.cell_id,
+        "resampler_init": built.resampler_init, "init_sources": built.init_sources,
+        "trainable_params": {k: v[0] for k, v in built.param_counts.items()},
+        "total_params": {k: v[1] for k, v in built.param_counts.items()},
+        "model": system.model.describe(), "vicreg_pairs": system.num_vicreg_pairs,
+    })
+
+    data = PanoDataModule(cfg, stage, built.prompts, system.model.pad_id)
+    throughput = ThroughputCallback()
+    val_every = min(stage_cfg.val_every_n_steps, stage_cfg.max_steps)
+    best = ModelCheckpoint(dirpath=out, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                           save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
+    last = ModelCheckpoint(dirpath=out, filename="last", save_top_k=0, save_last=True,
+                           every_n_train_steps=min(stage_cfg.checkpoint_every_n_steps, stage_cfg.max_steps),
+                           enable_version_counter=False)
+    trainer = pl.Trainer(
+        accelerator=_accelerator(cfg), devices=cfg.runtime.devices, precision=cfg.runtime.precision,
+        max_steps=stage_cfg.max_steps, max_epochs=-1, val_check_interval=val_every, check_val_every_n_epoch=None,
+        limit_val_batches=stage_cfg.limit_val_batches, accumulate_grad_batches=stage_cfg.accumulate_grad_batches,
+        callbacks=[best, last, throughput, TQDMProgressBar(refresh_rate=10)],
+        logger=CSVLogger(out, name="logs", version=""), default_root_dir=out, deterministic=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False,
+    )
+    ckpt_path = out / "last.ckpt"
+    resume_from = str(ckpt_path) if ckpt_path.exists() else None
+    if resume_from:
+        logger.info("resuming stage %s from %s", stage, resume_from)
+
+    flops = _count_step_flops(system, data, trainer, cfg) if cfg.runtime.measure_flops else None
+    trainer.fit(system, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    if not (out / "best.ckpt").exists():
+        raise CheckpointError(f"{out}: training finished without a best.ckpt (no validation ran?)")
+    if stage == "finetune":
+        system.model.lm.save_pretrained(out / "lora_weights", safe_serialization=True)
+
+    record = _measurements(cfg, stage, system, built, throughput, flops, data)
+    write_json_atomic(out / "measurements.json", record)
+    logger.info("stage %s done: %s", stage, {k: record["speed"][k] for k in ("samples_per_s", "step_time_median_s")})
+    return record
+
+
+def _count_step_flops(system: Any, data: PanoDataModule, trainer: pl.Trainer, cfg: RunConfig) -> int | None:
+    """FLOPs of one forward+backward micro-batch, counted; gradients are discarded (weights unchanged)."""
+    data.setup()
+    collate = data.collate
+    batch = collate([data.train_set[i] for i in range(min(len(data.train_set), cfg.stages[system.stage].batch_size))])
+    device = torch.device("cuda" if _accelerator(cfg) == "cuda" else "cpu")
+    system.to(device)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision.startswith("bf16"))
+
+    def step() -> None:
+        with autocast:
+            loss = system.compute_loss(batch)
+        loss.backward()
+
+    flops = count_flops(step)
+    system.zero_grad(set_to_none=True)
+    system.to("cpu")
+    return flops
+
+
+def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: ThroughputCallback,
+                  flops: int | None, data: PanoDataModule) -> dict[str, Any]:
+    desc = system.model.describe()
+    timing = summarize_step_times(tp.clock.times, cfg.runtime.measure_warmup_steps)
+    batch = cfg.stages[stage].batch_size
+    median = timing["step_time_median_s"]
+    text_per_sample = (sum(tp.text_tokens) / max(1, sum(tp.samples))) if tp.samples else None
+    visual = desc["visual_tokens_per_sample"] if stage != "vision" else desc["num_views"] * desc[
+        "vision_tokens_per_view"]
+    samples_per_s = batch / median if median else None
+    text_rate = samples_per_s * text_per_sample if samples_per_s and stage != "vision" else 0.0
+    visual_rate = samples_per_s * visual if samples_per_s else None
+    peak = device_peak_flops(cfg.runtime.device_peak_tflops) if torch.cuda.is_available() else None
+    mfu = flops / median / peak if (flops and median and peak) else None
+    losses = system.step_losses
+    val = system.trainer.callback_metrics.get("val/loss") if system.trainer else None
+    counts = built.param_counts
+    return {
+        "cell_id": cfg.cell_id,
+        "stage": stage,
+        "status": "completed",
+        "config_hash": config_hash(cfg),
+        "knobs": {"overlap": cfg.geometry.overlap, "fov": cfg.geometry.fov, "resampler": cfg.resampler.type,
+                  "vision_checkpoint": cfg.vision.checkpoint_name, "seed": cfg.seed},
+        "geometry": {k: desc[k] for k in ("num_tiles", "num_views", "nominal_overlap", "effective_overlap")},
+        "tokens": {"vision_tokens_per_view": desc["vision_tokens_per_view"],
+                   "resampled_tokens_per_view": desc["resampled_tokens_per_view"],
+                   "visual_tokens_per_sample": visual, "text_tokens_per_sample": text_per_sample,
+                   "stitching": desc["stitching"]},
+        "speed": {**timing, "batch_size": batch, "samples_per_s": samples_per_s,
+                  "tokens_per_s": (visual_rate or 0.0) + (text_rate or 0.0) if samples_per_s else None,
+                  "visual_tokens_per_s": visual_rate, "text_tokens_per_s": text_rate},
+        "memory": {**peak_gpu_memory_gib(), "peak_host_rss_gib": peak_host_rss_gib()},
+        "cost": {"flops_per_step": flops, "device_peak_flops": peak, "mfu": mfu},
+        "params": {"trainable": sum(v[0] for v in counts.values()), "total": sum(v[1] for v in counts.values()),
+                   "by_component": counts},
+        "kernel_path": desc["kernel_path"],
+        "resampler_init": built.resampler_init,
+        "vicreg_pairs": system.num_vicreg_pairs,
+        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                 "mean_last_10": statistics.fmean(losses[-10:]) if losses else None,
+                 "best_val": float(val) if val is not None else None},
+        "steps": int(system.global_step),
+        "env": {**device_description(), "versions": package_versions(), "git_revision": git_revision(),
+                "hostname": socket.gethostname(), "platform": platform.platform(), "pid": os.getpid()},
+        "resolved_config": config_to_dict(cfg),
+    }
