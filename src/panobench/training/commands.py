@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_resolve_config)
 
     p = subparsers.add_parser("plan", help="write the matrix manifest (cells, knobs, expected files)")
-    p.add_argument("--workflow-config", required=True, help="workflow config YAML (config/config.yaml)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workflow-config", help="workflow config YAML (config/config.yaml)")
+    src.add_argument("--workflow-json", help="the validated workflow config as JSON (from the Snakefile)")
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=_plan)
 
@@ -42,7 +44,14 @@ def _resolve_config(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from panobench.matrix import manifest
 
-    write_json_atomic(args.out, manifest(read_yaml(args.workflow_config)))
+    if args.workflow_json is not None:
+        try:
+            wf = json.loads(args.workflow_json)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--workflow-json is not valid JSON: {err}") from None
+    else:
+        wf = read_yaml(args.workflow_config)
+    write_json_atomic(args.out, manifest(wf))
     return 0
 
 

@@ -1,0 +1,101 @@
+# Load and check everything before any rule runs; every path and cell id comes from panobench.matrix.
+import json
+import re
+import shlex
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from panobench import matrix as pm
+
+
+validate(config, schema="../config/schema.yaml")
+
+NAME = config["name"]
+RUNS = pm.runs_root(config)
+EXPERIMENTS = pm.experiments(config)  # strict RunConfig validation of every cell: fails at DAG build time
+CELLS = {c.cell_id: c for c in pm.expand_cells(config)}
+RECIPES = {v.recipe_id: v for v in pm.vision_recipes(config)}
+EVAL_STAGES = config["eval_stages"]
+RES = config["resources"]
+
+
+def _alternatives(values):
+    return "|".join(re.escape(v) for v in sorted(values)) or "(?!)"
+
+
+wildcard_constraints:
+    cell=_alternatives(CELLS),
+    recipe=_alternatives(RECIPES),
+    exp=_alternatives(EXPERIMENTS),
+    estage="|".join(pm.EVAL_STAGES),
+    resampler="[a-z][a-z0-9_]*",
+
+
+def data_inputs():
+    """The dataset files every training/eval job reads (generated ones are produced by synth_data)."""
+    run = EXPERIMENTS[next(iter(EXPERIMENTS))]
+    return [run["data"]["train_csv"], run["data"]["valid_csv"], run["data"]["test_csv"]]
+
+
+def model_inputs():
+    if config.get("tiny_models"):
+        out = config["tiny_models"]["out"]
+        return [f"{out}/vision/config.json", f"{out}/llm/config.json"]
+    return []
+
+
+def vision_input(cell_id):
+    """A cell's stage-1 dependency: the recipe's completion marker (a `path` checkpoint must exist already)."""
+    vis = CELLS[cell_id].vision
+    if vis.kind == "train":
+        return [f"{pm.stage_dir(config, vis.recipe_id, 'vision', vis.resampler)}/measurements.json"]
+    if vis.kind == "path":
+        return [vis.path]
+    return []
+
+
+def get_resolved_json(wildcards):
+    return json.dumps(EXPERIMENTS[wildcards.exp], sort_keys=True)
+
+
+def get_stage_marker(cell_id, stage):
+    return f"{pm.stage_dir(config, cell_id, stage, CELLS[cell_id].resampler)}/measurements.json"
+
+
+def get_generate_inputs(wildcards):
+    inputs = {"cfg": pm.config_path(config, wildcards.cell), "data": data_inputs(), "models": model_inputs(),
+              "vision": vision_input(wildcards.cell)}
+    if wildcards.estage != "baseline":
+        inputs["trained"] = get_stage_marker(wildcards.cell, wildcards.estage)
+    return inputs
+
+
+def tiles_sheets():
+    return [pm.tiles_sheet_path(config, o) for o in config["matrix"]["overlaps"]]
+
+
+def tiles_args():
+    return " ".join(f"{o}={shlex.quote(pm.tiles_sheet_path(config, o))}" for o in config["matrix"]["overlaps"])
+
+
+def all_cell_outputs():
+    outs = []
+    for cid in CELLS:
+        outs += [get_stage_marker(cid, s) for s in pm.TRAIN_STAGES]
+        outs += [f"{pm.eval_dir(config, cid, s)}/metrics.json" for s in EVAL_STAGES]
+    return outs
+
+
+def get_final_output():
+    return [f"{pm.report_dir(config)}/report.html", f"{pm.report_dir(config)}/results.csv"]
+
+
+def report_on_error_command():
+    manifest = f"results/{NAME}/manifest.json"
+    out = pm.report_dir(config)
+    plan = f"panobench plan --workflow-json {shlex.quote(json.dumps(config))} -o {shlex.quote(manifest)}"
+    agg = f"panobench aggregate --manifest {shlex.quote(manifest)} --out {shlex.quote(out + '/results.csv')}"
+    rep = (f"panobench report --results {shlex.quote(out + '/results.csv')} --manifest {shlex.quote(manifest)} "
+           f"--out {shlex.quote(out)} --tiles {tiles_args()}")
+    return f"({plan} && {agg} && {rep}) > logs/{NAME}/report_on_error.log 2>&1 || true"

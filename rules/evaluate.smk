@@ -1,0 +1,41 @@
+# Evaluation in two steps that may run on different machines: generate (needs the model: a GPU on clusters)
+# and score (needs Java, no GPU).
+
+
+rule generate:
+    input:
+        unpack(get_generate_inputs),
+    output:
+        predictions=f"{RUNS}/{{cell}}/eval/{{estage}}/predictions.csv",
+        generation=f"{RUNS}/{{cell}}/eval/{{estage}}/generation.json",
+    params:
+        out=lambda wildcards, output: str(Path(output.predictions).parent),
+    log:
+        f"logs/{NAME}/generate/{{cell}}_{{estage}}.log",
+    benchmark:
+        f"benchmarks/{NAME}/generate/{{cell}}_{{estage}}.tsv"
+    threads: RES["train_threads"]
+    resources:
+        gpu=1,
+        mem_mb=RES["gpu_mem_mb"],
+        runtime=RES["gpu_runtime_min"],
+    shell:
+        "OMP_NUM_THREADS={threads} panobench generate --config {input.cfg:q} --stage {wildcards.estage}"
+        " --out {params.out:q} > {log:q} 2>&1"
+
+
+rule score:
+    input:
+        predictions=f"{RUNS}/{{cell}}/eval/{{estage}}/predictions.csv",
+        generation=f"{RUNS}/{{cell}}/eval/{{estage}}/generation.json",
+    output:
+        f"{RUNS}/{{cell}}/eval/{{estage}}/metrics.json",
+    log:
+        f"logs/{NAME}/score/{{cell}}_{{estage}}.log",
+    benchmark:
+        f"benchmarks/{NAME}/score/{{cell}}_{{estage}}.tsv"
+    resources:
+        mem_mb=RES["cpu_mem_mb"],
+        runtime=RES["cpu_runtime_min"],
+    shell:
+        "panobench score --predictions {input.predictions:q} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,48 @@
+# One tidy results table and one self-contained HTML report per config.
+
+
+rule aggregate_results:
+    input:
+        manifest=f"results/{NAME}/manifest.json",
+        cells=all_cell_outputs(),
+    output:
+        results=report(
+            f"reports/{NAME}/results.csv",
+            caption="../reports/captions/results.rst",
+            category="Results",
+        ),
+    log:
+        f"logs/{NAME}/aggregate_results.log",
+    benchmark:
+        f"benchmarks/{NAME}/aggregate_results.tsv"
+    shell:
+        "panobench aggregate --manifest {input.manifest:q} --out {output.results:q} > {log:q} 2>&1"
+
+
+rule build_report:
+    input:
+        results=f"reports/{NAME}/results.csv",
+        manifest=f"results/{NAME}/manifest.json",
+        tiles=tiles_sheets(),
+    output:
+        html=report(
+            f"reports/{NAME}/report.html",
+            caption="../reports/captions/report.rst",
+            category="Report",
+        ),
+        figures=report(
+            directory(f"reports/{NAME}/figures"),
+            patterns=["{figure}.png"],
+            caption="../reports/captions/figures.rst",
+            category="Figures",
+        ),
+    params:
+        out=f"reports/{NAME}",
+        tiles=tiles_args(),
+    log:
+        f"logs/{NAME}/build_report.log",
+    benchmark:
+        f"benchmarks/{NAME}/build_report.tsv"
+    shell:
+        "panobench report --results {input.results:q} --manifest {input.manifest:q} --out {params.out:q}"
+        " --tiles {params.tiles} > {log:q} 2>&1"
