@@ -1,7 +1,29 @@
-"""Subcommands of this concern (registered by panobench.cli)."""
+"""Subcommands of the models concern (registered by panobench.cli): ``materialize``."""
+
+from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this concern's subcommands."""
+    p = subparsers.add_parser(
+        "materialize",
+        help="write tiny random-init SigLIP/Qwen3 models and a corpus-trained tokenizer to local directories",
+        description="Train a tokenizer on DIR/train.csv and DIR/valid.csv (query + annotation columns) and save "
+        "tiny randomly-initialised models to OUT/vision/ and OUT/llm/ with save_pretrained.",
+    )
+    p.add_argument("--data-dir", required=True, type=Path, help="directory holding train.csv and valid.csv")
+    p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    p.add_argument("--seed", type=int, default=0, help="weight-init seed (default: 0)")
+    p.set_defaults(func=_materialize)
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    # Imported here so `panobench --help` does not pay for importing transformers.
+    from panobench.models.materialize import materialize_tiny_models
+
+    corpus = [args.data_dir / "train.csv", args.data_dir / "valid.csv"]
+    materialize_tiny_models(args.out, corpus, seed=args.seed)
+    return 0
