@@ -49,7 +49,7 @@ def _decode(csv_path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(
-            f"{csv_path} is not valid UTF-8: byte offset {err.start} (line {_line_of_byte(raw, err.start)}) "
+            f"{csv_path} is not valid UTF-8: byte offset {err.start} (0-based; line {_line_of_byte(raw, err.start)}) "
             f"has byte 0x{raw[err.start]:02x}; re-save the file as UTF-8"
         ) from err
 

@@ -420,10 +420,11 @@ def make_queries(objects: tuple[SceneObject, ...], rng: np.random.Generator, n_r
     return tuple(out)
 
 
-def _straddles_tile_seam(obj: SceneObject) -> bool:
-    # Half-width in yaw of the bounding cap, which widens with |pitch| in the ERP.
-    half = math.degrees(math.asin(min(1.0, math.sin(math.radians(obj.size)) / math.cos(math.radians(obj.pitch)))))
-    return any(abs((obj.yaw - s + 180.0) % 360.0 - 180.0) < half for s in TILE_SEAMS_DEG)
+def _straddles(mask: np.ndarray, seam_yaw: float) -> bool:
+    """Whether a mask ``[H, W]`` covers both pixel columns on either side of the seam at ``seam_yaw``."""
+    width = mask.shape[1]
+    right = int(round((seam_yaw + 180.0) / 360.0 * width)) % width
+    return bool((mask[:, right - 1] & mask[:, right]).any())  # right = 0 wraps to the ERP seam
 
 
 def build_scene(split: str, index: int, *, seed: int, directions: np.ndarray, seam_fraction: float) -> tuple:
@@ -441,8 +442,8 @@ def build_scene(split: str, index: int, *, seed: int, directions: np.ndarray, se
         url=f"images/{split}/{index:06d}.png",
         objects=objects,
         queries=queries,
-        erp_seam=any(bool(m[:, 0].any() and m[:, -1].any()) for m in masks),
-        tile_seam=any(_straddles_tile_seam(o) for o in objects),
+        erp_seam=any(_straddles(m, 180.0) for m in masks),
+        tile_seam=any(_straddles(m, s) for m in masks for s in TILE_SEAMS_DEG),
     )
     return scene, image
 
