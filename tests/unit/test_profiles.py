@@ -85,6 +85,17 @@ def test_slurm_profile_requests_gpus_for_exactly_the_gpu_rules() -> None:
         assert "gres" not in profile["set-resources"][rule]
 
 
+def test_gpu_rule_list_matches_the_workflow() -> None:
+    # The profiles name GPU rules explicitly; a renamed or added GPU rule must be added to them too.
+    declared = set()
+    for smk in sorted((REPO_ROOT / "rules").glob("*.smk")):
+        for block in re.split(r"^(?=rule \w+:)", smk.read_text(), flags=re.M):
+            rule = re.match(r"rule (\w+):", block)
+            if rule and re.search(r"^\s+gpu\s*=\s*[1-9]", block, re.M):
+                declared.add(rule[1])
+    assert declared == GPU_RULES
+
+
 def test_slurm_profile_runs_jobs_in_the_container_with_gpus() -> None:
     args = _parse_with_snakemake(PROFILES / "slurm")
     assert args.executor == "slurm"
