@@ -1,0 +1,235 @@
+"""Aggregation (results.csv) and the HTML report, on fabricated records of a small matrix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fixtures_records import caption_metrics, write_records
+from PIL import Image
+from scipy import stats
+
+from panobench.cli import main as cli_main
+from panobench.errors import InputError
+from panobench.reporting.aggregate import RESULT_COLUMNS, VISION_RECIPE_COLUMNS, aggregate, log_error_line
+from panobench.reporting.html import build_report, parse_tiles
+from panobench.reporting.plots import pareto_front
+from panobench.reporting.tables import ci95_halfwidth, headline_table, resampler_order
+
+FAILED_CELL = "ov0.50_fov90_qformer_vis-pretrained_seed1"
+HOSTILE = "<script>alert('x')</script>"
+FAIL_LOG = ("INFO loading data\nTraceback (most recent call last):\n  ValueError: bad\n"
+            f"panobench train: error: image not found: data/pano_0007.png {HOSTILE}\n")
+IMG_TAG = '<img src="data:image/png;base64,'
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """2 overlaps x 2 resamplers x 2 seeds on GPU records, one cell failed in stage resampler; report built."""
+    root = tmp_path_factory.mktemp("run")
+    manifest = write_records(root, vision=({"name": "pretrained"}, {"name": "vic", "train": {
+        "overlap": 0.5, "resampler": "mlp"}}), failures={FAILED_CELL: ("resampler", FAIL_LOG)})
+    # Keep the report small: only the pretrained vision checkpoint takes part in the matrix under test.
+    man = json.loads(manifest.read_text())
+    man["cells"] = [c for c in man["cells"] if c["knobs"]["vision_checkpoint"] == "pretrained"]
+    manifest.write_text(json.dumps(man))
+    tile = root / "tiles_ov0.50.png"
+    Image.new("RGB", (64, 32), (10, 200, 30)).save(tile)
+    out_csv = root / "reports" / "bench" / "results.csv"
+    df = aggregate(manifest, out_csv, root=root)
+    html = build_report(out_csv, manifest, out_csv.parent, tiles={0.5: tile}, root=root)
+    return {"root": root, "manifest": manifest, "df": df, "csv": out_csv, "html": html, "man": man}
+
+
+def _row(df: pd.DataFrame, cell: str, stage: str) -> pd.Series:
+    rows = df[(df["cell_id"] == cell) & (df["stage"] == stage)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+# ------------------------------------------------------------------------------------------ aggregate
+
+
+def test_one_row_per_cell_and_stage_with_fixed_columns(matrix):
+    df = pd.read_csv(matrix["csv"])
+    assert list(df.columns) == list(RESULT_COLUMNS)
+    assert len(df) == 8 * 2
+    assert set(zip(df["cell_id"], df["stage"], strict=True)) == {
+        (c["cell_id"], s) for c in matrix["man"]["cells"] for s in ("resampler", "finetune")}
+
+
+def test_failed_cell_has_status_and_log_error_line(matrix):
+    df = matrix["df"]
+    row = _row(df, FAILED_CELL, "resampler")
+    assert row["status"] == "failed"
+    assert row["error"] == f"panobench train: error: image not found: data/pano_0007.png {HOSTILE}"
+    assert math.isnan(row["CIDEr"]) and math.isnan(row["samples_per_s"])
+    downstream = _row(df, FAILED_CELL, "finetune")
+    assert downstream["status"] == "failed" and "earlier stage" in downstream["error"]
+    assert (df[df["cell_id"] != FAILED_CELL]["status"] == "ok").all()
+
+
+def test_deltas_and_baseline(matrix):
+    df = matrix["df"]
+    cell = "ov0.50_fov90_mlp_vis-pretrained_seed1"
+    row = _row(df, cell, "finetune")
+    knobs = {"overlap": 0.5, "resampler": "mlp", "seed": 1}
+    trained, base = caption_metrics(knobs, "finetune"), caption_metrics(knobs, "baseline")
+    for metric in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
+        assert row[metric] == pytest.approx(trained[metric])
+        assert row[f"baseline_{metric}"] == pytest.approx(base[metric])
+        assert row[f"delta_{metric}"] == pytest.approx(trained[metric] - base[metric])
+    assert math.isnan(row["SPICE"]) and math.isnan(row["delta_SPICE"])   # null in the record -> NaN
+    # The failed cell still has its baseline (it was evaluated) but no delta.
+    failed = _row(df, FAILED_CELL, "finetune")
+    assert failed["baseline_CIDEr"] == pytest.approx(0.02) and math.isnan(failed["delta_CIDEr"])
+
+
+def test_measurements_benchmark_and_provenance_columns(matrix):
+    row = _row(matrix["df"], "ov0.50_fov90_mlp_vis-pretrained_seed0", "resampler")
+    assert row["num_views"] == 9 and row["visual_tokens_per_sample"] == 9 * 64
+    assert row["bench_s"] == pytest.approx(12.5) and row["bench_max_rss_mb"] == pytest.approx(2048.5)
+    assert row["peak_gpu_allocated_gib"] == pytest.approx(36.0)
+    assert row["device"] == "NVIDIA H200" and row["version_torch"] == "2.13.0" and len(row["config_hash"]) == 16
+    assert json.loads(row["decoding"]) == {"do_sample": False, "max_new_tokens": 40, "num_beams": 1}
+
+
+def test_vision_recipes_table(matrix):
+    recipes = pd.read_csv(matrix["csv"].with_name("vision_recipes.csv"))
+    assert list(recipes.columns) == list(VISION_RECIPE_COLUMNS)
+    assert recipes["recipe_id"].tolist() == ["vision-vic"] and recipes["status"].tolist() == ["ok"]
+    assert recipes["samples_per_s"].iloc[0] > 0
+
+
+def test_ci_over_two_seeds(matrix):
+    table = headline_table(matrix["df"])
+    row = table[(table["resampler"] == "mlp") & (table["overlap"] == 0.0)].iloc[0]
+    a = caption_metrics({"overlap": 0.0, "resampler": "mlp", "seed": 0}, "finetune")["CIDEr"]
+    b = caption_metrics({"overlap": 0.0, "resampler": "mlp", "seed": 1}, "finetune")["CIDEr"]
+    assert row["n_seeds"] == 2
+    assert row["CIDEr_mean"] == pytest.approx((a + b) / 2)
+    assert row["CIDEr_ci"] == pytest.approx(stats.t.ppf(0.975, 1) * abs(a - b) / 2)
+    # The failed cell's group has one seed left: a mean but no CI.
+    lone = table[(table["resampler"] == "qformer") & (table["overlap"] == 0.5)].iloc[0]
+    assert lone["n_seeds"] == 1 and math.isnan(lone["CIDEr_ci"])
+
+
+def test_log_error_line_prefers_last_error(tmp_path):
+    log = tmp_path / "job.log"
+    log.write_text("error: first\nINFO something\npanobench score: error: second\nINFO trailing\n")
+    assert log_error_line(log) == "panobench score: error: second"
+    log.write_text("INFO a\nKilled\n")
+    assert log_error_line(log).startswith("Killed (last line of")
+    assert log_error_line(tmp_path / "absent.log") is None
+
+
+def test_missing_eval_without_log_names_the_file(tmp_path):
+    manifest = write_records(tmp_path, overlaps=(0.5,), resamplers=("mlp",), seeds=(0,))
+    man = json.loads(manifest.read_text())
+    metrics = tmp_path / man["cells"][0]["evals"]["finetune"]["metrics"]
+    metrics.unlink()
+    df = aggregate(manifest, tmp_path / "out.csv", root=tmp_path)
+    row = _row(df, man["cells"][0]["cell_id"], "finetune")
+    assert row["status"] == "failed" and row["error"] == f"missing {metrics}"
+    assert _row(df, man["cells"][0]["cell_id"], "resampler")["status"] == "ok"
+
+
+def test_missing_manifest_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="manifest"):
+        aggregate(tmp_path / "nope.json", tmp_path / "out.csv")
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def test_report_is_self_contained_and_embeds_every_figure(matrix):
+    html = matrix["html"].read_text()
+    figures = sorted((matrix["csv"].parent / "figures").glob("*.png"))
+    assert len(figures) >= 5
+    assert html.count(IMG_TAG) >= len(figures) + 1          # + the tiling contact sheet
+    assert 'src="http' not in html and "href=\"http" not in html
+    # every src/href is a data URI or an in-page anchor: nothing outside the file is needed
+    for attr in re.findall(r'(?:src|href)="([^"]*)"', html):
+        assert attr.startswith(("data:image/png;base64,", "#")), attr
+    assert "<link" not in html and "<script" not in html
+
+
+def test_report_lists_failed_cell_and_escapes_error(matrix):
+    html = matrix["html"].read_text()
+    assert FAILED_CELL in html
+    assert HOSTILE not in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    assert 'id="failed-alert"' in html
+
+
+def test_report_sections_and_highlight(matrix):
+    html = matrix["html"].read_text()
+    for section in ("summary", "headline", "figures", "tiling", "failed", "results", "provenance", "decoding",
+                    "vision"):
+        assert f'id="{section}"' in html
+    assert 'class="best"' in html
+    assert "peak GPU memory allocated (GiB)" in html
+    assert "± " in html                                    # CIs shown for 2 seeds
+    assert "cell_id: ov0.00_fov90_mlp_vis-pretrained_seed0" in html   # the resolved config YAML
+    assert "vision-vic" in html
+    assert "0123456789abcdef0123456789abcdef01234567" in html
+
+
+def test_cpu_only_single_seed_single_overlap(tmp_path):
+    manifest = write_records(tmp_path, overlaps=(0.5,), resamplers=("perceiver", "mlp"), seeds=(0,),
+                             device_type="cpu")
+    out_csv = tmp_path / "rep" / "results.csv"
+    df = aggregate(manifest, out_csv, root=tmp_path)
+    assert df["peak_gpu_allocated_gib"].isna().all() and (df["status"] == "ok").all()
+    html = build_report(out_csv, manifest, out_csv.parent, root=tmp_path, title="cpu run").read_text()
+    assert "peak host RSS (GiB)" in html and "peak GPU memory" not in html
+    assert "± " not in html                                # one seed: no CIs
+    assert html.count(IMG_TAG) == len(list((out_csv.parent / "figures").glob("*.png")))
+    assert (out_csv.parent / "results.csv").is_file()      # building the report leaves the table in place
+    # headline rows follow the fixed resampler order, whatever the matrix order
+    assert html.index(">mlp<") < html.index(">perceiver<")
+
+
+def test_cli_report_builds_when_all_but_one_cell_failed(tmp_path):
+    fail = ("resampler", "panobench train: error: out of memory\n")
+    manifest = write_records(tmp_path, overlaps=(0.0, 0.5), resamplers=("mlp",), seeds=(0,),
+                             failures={"ov0.00_fov90_mlp_vis-pretrained_seed0": fail})
+    tile = tmp_path / "t.png"
+    Image.new("RGB", (8, 4)).save(tile)
+    out = tmp_path / "reports" / "x"
+    assert cli_main(["aggregate", "--manifest", str(manifest), "--out", str(out / "results.csv"),
+                     "--root", str(tmp_path)]) == 0
+    assert cli_main(["report", "--results", str(out / "results.csv"), "--manifest", str(manifest), "--out", str(out),
+                     "--root", str(tmp_path), "--tiles", f"0.0={tile}"]) == 0
+    html = (out / "report.html").read_text()
+    assert "panobench train: error: out of memory" in html
+    assert html.count(IMG_TAG) == len(list((out / "figures").glob("*.png"))) + 1 == 6
+    assert cli_main(["report", "--results", str(out / "results.csv"), "--manifest", str(manifest), "--out", str(out),
+                     "--tiles", "zero"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def test_parse_tiles():
+    assert parse_tiles(["0.5=a.png", "0=b.png"]) == {0.5: Path("a.png"), 0.0: Path("b.png")}
+    with pytest.raises(InputError):
+        parse_tiles(["a.png"])
+
+
+def test_pareto_front_maximises_both():
+    x = np.array([10.0, 20.0, 30.0, 15.0, 30.0])
+    y = np.array([0.9, 0.8, 0.5, 0.7, 0.4])
+    assert pareto_front(x, y).tolist() == [0, 1, 2]
+
+
+def test_ci_and_order_helpers():
+    assert math.isnan(ci95_halfwidth([1.0]))
+    assert ci95_halfwidth([1.0, 2.0, 3.0]) == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    assert resampler_order(["perceiver", "zeta", "mlp", "bimamba", "alpha"]) == [
+        "mlp", "bimamba", "perceiver", "alpha", "zeta"]
