@@ -33,9 +33,9 @@ rule train_resampler:
     output:
         f"{RUNS}/{{cell}}/resampler/anyres-e2p_{{resampler}}/measurements.json",
     log:
-        f"logs/{NAME}/train_resampler/{{cell}}.log",
+        f"logs/{NAME}/train_resampler/{{cell}}/anyres-e2p_{{resampler}}.log",
     benchmark:
-        f"benchmarks/{NAME}/train_resampler/{{cell}}.tsv"
+        f"benchmarks/{NAME}/train_resampler/{{cell}}/anyres-e2p_{{resampler}}.tsv"
     threads: RES["train_threads"]
     resources:
         gpu=1,
@@ -55,9 +55,9 @@ rule train_finetune:
     output:
         f"{RUNS}/{{cell}}/finetune/anyres-e2p_{{resampler}}/measurements.json",
     log:
-        f"logs/{NAME}/train_finetune/{{cell}}.log",
+        f"logs/{NAME}/train_finetune/{{cell}}/anyres-e2p_{{resampler}}.log",
     benchmark:
-        f"benchmarks/{NAME}/train_finetune/{{cell}}.tsv"
+        f"benchmarks/{NAME}/train_finetune/{{cell}}/anyres-e2p_{{resampler}}.tsv"
     threads: RES["train_threads"]
     resources:
         gpu=1,

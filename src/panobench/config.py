@@ -59,8 +59,8 @@ class VisionConfig:
 @dataclass(frozen=True)
 class ResamplerSection:
     type: str = "mlp"                        # key of panobench.models.resamplers.RESAMPLERS
-    params: dict[str, Any] = field(default_factory=dict)  # its <Name>Config fields (in_dim is filled in)
-    allow_reference_on_cuda: bool = False    # permit the pure-PyTorch Mamba scan on a GPU (~1000x slower)
+    params: dict[str, Any] = field(default_factory=dict)  # its <Name>Config fields (in_dim is filled in);
+    # bimamba: allow_reference_on_cuda: true permits the pure-PyTorch scan on a GPU (~1000x slower)
 
 
 @dataclass(frozen=True)

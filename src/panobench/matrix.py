@@ -192,8 +192,8 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
                 stage: {
                     "run_dir": stage_dir(wf, cid, stage, cell.resampler),
                     "measurements": f"{stage_dir(wf, cid, stage, cell.resampler)}/measurements.json",
-                    "log": f"logs/{wf['name']}/train_{stage}/{cid}.log",
-                    "benchmark": f"benchmarks/{wf['name']}/train_{stage}/{cid}.tsv",
+                    "log": f"logs/{wf['name']}/train_{stage}/{cid}/{CROP}_{cell.resampler}.log",
+                    "benchmark": f"benchmarks/{wf['name']}/train_{stage}/{cid}/{CROP}_{cell.resampler}.tsv",
                 }
                 for stage in TRAIN_STAGES
             },

@@ -64,10 +64,10 @@ class PanoVLM(nn.Module):
         self.pad_id = int(pad_id)
         self.plan = plan_tiles(cfg.geometry.overlap, cfg.geometry.fov, cfg.geometry.pitch_rows)
         self.vision = VisionEncoder(vision_model)
-        self.geometry = view_geometry(self.plan, self.vision.grid, include_global=cfg.geometry.include_global)
+        self.geometry = view_geometry(self.plan, self.vision.grid, include_global=cfg.geometry.include_global,
+                                      size=self.vision.image_size)
         self.num_views = int(self.geometry.rays.shape[0])
-        self.resampler = build_resampler(cfg.resampler.type, self.vision.hidden_size, dict(cfg.resampler.params),
-                                         allow_reference_on_cuda=cfg.resampler.allow_reference_on_cuda)
+        self.resampler = build_resampler(cfg.resampler.type, self.vision.hidden_size, dict(cfg.resampler.params))
         s = self.vision.grid**2
         n_out = self.resampler.num_output_tokens(s)
         self.layout = token_layout(self.geometry, self.resampler.output_grid(self.vision.grid),
