@@ -124,7 +124,7 @@ def test_log_error_line_prefers_last_error(tmp_path):
     log.write_text("error: first\nINFO something\npanobench score: error: second\nINFO trailing\n")
     assert log_error_line(log) == "panobench score: error: second"
     log.write_text("INFO a\nKilled\n")
-    assert log_error_line(log).startswith("Killed (last line of")
+    assert log_error_line(log) is None
     assert log_error_line(tmp_path / "absent.log") is None
 
 
@@ -137,6 +137,22 @@ def test_missing_eval_without_log_names_the_file(tmp_path):
     row = _row(df, man["cells"][0]["cell_id"], "finetune")
     assert row["status"] == "failed" and row["error"] == f"missing {metrics}"
     assert _row(df, man["cells"][0]["cell_id"], "resampler")["status"] == "ok"
+
+
+def test_unreadable_or_incomplete_measurements_fail_the_stage(tmp_path):
+    manifest = write_records(tmp_path, overlaps=(0.0, 0.5), resamplers=("mlp",), seeds=(0,))
+    man = json.loads(manifest.read_text())
+    corrupt = tmp_path / man["cells"][0]["stages"]["finetune"]["measurements"]
+    corrupt.write_text('{"cell_id": ')
+    partial = tmp_path / man["cells"][1]["stages"]["resampler"]["measurements"]
+    partial.write_text(json.dumps({**json.loads(partial.read_text()), "status": "interrupted"}))
+    (tmp_path / man["cells"][1]["stages"]["resampler"]["log"]).unlink()
+    df = aggregate(manifest, tmp_path / "out.csv", root=tmp_path)
+    bad = _row(df, man["cells"][0]["cell_id"], "finetune")
+    assert bad["status"] == "failed" and bad["error"].startswith(f"unreadable {corrupt}")
+    assert bad["error"].endswith("ends: INFO done")
+    interrupted = _row(df, man["cells"][1]["cell_id"], "resampler")
+    assert interrupted["status"] == "failed" and "status 'interrupted'" in interrupted["error"]
 
 
 def test_missing_manifest_is_an_input_error(tmp_path):

@@ -134,25 +134,27 @@ def _try_read_json(path: Path | None) -> tuple[dict[str, Any] | None, str | None
     return data, None
 
 
-def log_error_line(log: Path | None) -> str | None:
-    """The most informative line of a job log: the last line mentioning "error", else the last non-empty line.
-
-    Returns None when there is no log (or it is empty).
-    """
+def _log_lines(log: Path | None) -> list[str]:
     if log is None or not log.is_file():
-        return None
-    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    if not lines:
-        return None
-    for line in reversed(lines):
+        return []
+    return [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+
+
+def log_error_line(log: Path | None) -> str | None:
+    """The most informative line of a job log: the last line mentioning "error" (any case); None if there is none."""
+    for line in reversed(_log_lines(log)):
         if "error" in line.lower():
             return line
-    return f"{lines[-1]} (last line of {log})"
+    return None
 
 
-def _failure(missing: str, log: Path | None) -> str:
+def _failure(problem: str, log: Path | None) -> str:
+    """The error line of the log when it has one, else what is wrong with the record plus how the log ends."""
     line = log_error_line(log)
-    return line if line is not None else missing
+    if line is not None:
+        return line
+    lines = _log_lines(log)
+    return f"{problem}; log {log} ends: {lines[-1]}" if lines else problem
 
 
 def read_benchmark(path: Path | None) -> dict[str, float]:
@@ -201,7 +203,7 @@ def _stage_row(cell: Mapping[str, Any], stage: str, root: Path, baseline: Mappin
     error: str | None = None
     if meas_problem is not None:
         error = _failure(meas_problem, train_log)
-        if error == meas_problem and upstream_failed and (train_log is None or not train_log.exists()):
+        if upstream_failed and (train_log is None or not train_log.exists()):
             error = f"not run: an earlier stage of {cell['cell_id']} failed ({meas_problem})"
     elif metrics_problem is not None:
         error = _failure(metrics_problem, _resolve(ev.get("log"), root))

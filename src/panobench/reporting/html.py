@@ -92,7 +92,7 @@ def _summary(df: pd.DataFrame, manifest: Mapping[str, Any], config_name: str) ->
 def _headline(df: pd.DataFrame) -> dict[str, Any]:
     summary = headline_table(df)
     best = best_rows(summary)
-    _, mem_label = memory_column(ok_rows(df))
+    _, mem_label = memory_column(ok_rows(df, "finetune"))   # the same choice headline_table makes
     headers = ["vision", "resampler", "overlap", "seeds"]
     headers += [mem_label if c == "peak_memory_gib" else label
                 for c, label, _ in HEADLINE_METRICS]

@@ -119,13 +119,17 @@ def plot_caption_metrics(df: pd.DataFrame, out_png: str | os.PathLike, stage: st
 def _line(ax: plt.Axes, data: pd.DataFrame, y: str, hue_order: list[str], errorbar, legend: bool) -> None:
     multi_vision = data["vision_checkpoint"].nunique() > 1
     kwargs = {"style": "vision_checkpoint", "markers": True} if multi_vision else {"marker": "o"}
+    overlaps = sorted(data["overlap"].unique())
+    if len(overlaps) == 1:
+        # No line to follow at a single overlap: dodge the resamplers sideways so equal values stay visible.
+        rank = {r: i for i, r in enumerate(hue_order)}
+        data = data.assign(overlap=data["overlap"] + 0.03 * (data["resampler"].map(rank) - (len(hue_order) - 1) / 2))
     sns.lineplot(data=data, x="overlap", y=y, hue="resampler", hue_order=hue_order,
                  palette=resampler_palette(hue_order), errorbar=errorbar, ax=ax, legend=legend, seed=0, **kwargs)
-    overlaps = sorted(data["overlap"].unique())
     ax.set_xticks(overlaps)
     ax.set_xticklabels([_overlap_label(o) for o in overlaps])
     if len(overlaps) == 1:   # a single x value: give the markers some room instead of a zero-width axis
-        ax.set_xlim(overlaps[0] - 0.1, overlaps[0] + 0.1)
+        ax.set_xlim(overlaps[0] - 0.15, overlaps[0] + 0.15)
 
 
 def _stage_grid(df: pd.DataFrame, rows: list[tuple[str, str]], title: str, out_png: str | os.PathLike) -> Path:
