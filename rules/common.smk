@@ -8,12 +8,13 @@ from snakemake.utils import validate
 
 from panobench import matrix as pm
 
-
 validate(config, schema="../config/schema.yaml")
 
 NAME = config["name"]
 RUNS = pm.runs_root(config)
-EXPERIMENTS = pm.experiments(config)  # strict RunConfig validation of every cell: fails at DAG build time
+EXPERIMENTS = pm.experiments(
+    config
+)  # strict RunConfig validation of every cell: fails at DAG build time
 CELLS = {c.cell_id: c for c in pm.expand_cells(config)}
 RECIPES = {v.recipe_id: v for v in pm.vision_recipes(config)}
 EVAL_STAGES = config["eval_stages"]
@@ -49,7 +50,9 @@ def vision_input(cell_id):
     """A cell's stage-1 dependency: the recipe's completion marker (a `path` checkpoint must exist already)."""
     vis = CELLS[cell_id].vision
     if vis.kind == "train":
-        return [f"{pm.stage_dir(config, vis.recipe_id, 'vision', vis.resampler)}/measurements.json"]
+        return [
+            f"{pm.stage_dir(config, vis.recipe_id, 'vision', vis.resampler)}/measurements.json"
+        ]
     if vis.kind == "path":
         return [vis.path]
     return []
@@ -64,8 +67,12 @@ def get_stage_marker(cell_id, stage):
 
 
 def get_generate_inputs(wildcards):
-    inputs = {"cfg": pm.config_path(config, wildcards.cell), "data": data_inputs(), "models": model_inputs(),
-              "vision": vision_input(wildcards.cell)}
+    inputs = {
+        "cfg": pm.config_path(config, wildcards.cell),
+        "data": data_inputs(),
+        "models": model_inputs(),
+        "vision": vision_input(wildcards.cell),
+    }
     if wildcards.estage != "baseline":
         inputs["trained"] = get_stage_marker(wildcards.cell, wildcards.estage)
     return inputs
@@ -76,7 +83,10 @@ def tiles_sheets():
 
 
 def tiles_args():
-    return " ".join(f"{o}={shlex.quote(pm.tiles_sheet_path(config, o))}" for o in config["matrix"]["overlaps"])
+    return " ".join(
+        f"{o}={shlex.quote(pm.tiles_sheet_path(config, o))}"
+        for o in config["matrix"]["overlaps"]
+    )
 
 
 def all_cell_outputs():
@@ -88,7 +98,10 @@ def all_cell_outputs():
 
 
 def get_final_output():
-    return [f"{pm.report_dir(config)}/report.html", f"{pm.report_dir(config)}/results.csv"]
+    return [
+        f"{pm.report_dir(config)}/report.html",
+        f"{pm.report_dir(config)}/results.csv",
+    ]
 
 
 def report_on_error_command():
@@ -96,6 +109,8 @@ def report_on_error_command():
     out = pm.report_dir(config)
     plan = f"panobench plan --workflow-json {shlex.quote(json.dumps(config))} -o {shlex.quote(manifest)}"
     agg = f"panobench aggregate --manifest {shlex.quote(manifest)} --out {shlex.quote(out + '/results.csv')}"
-    rep = (f"panobench report --results {shlex.quote(out + '/results.csv')} --manifest {shlex.quote(manifest)} "
-           f"--out {shlex.quote(out)} --tiles {tiles_args()}")
+    rep = (
+        f"panobench report --results {shlex.quote(out + '/results.csv')} --manifest {shlex.quote(manifest)} "
+        f"--out {shlex.quote(out)} --tiles {tiles_args()}"
+    )
     return f"({plan} && {agg} && {rep}) > logs/{NAME}/report_on_error.log 2>&1 || true"

@@ -8,8 +8,6 @@ rule generate:
     output:
         predictions=f"{RUNS}/{{cell}}/eval/{{estage}}/predictions.csv",
         generation=f"{RUNS}/{{cell}}/eval/{{estage}}/generation.json",
-    params:
-        out=lambda wildcards, output: str(Path(output.predictions).parent),
     log:
         f"logs/{NAME}/generate/{{cell}}_{{estage}}.log",
     benchmark:
@@ -19,6 +17,8 @@ rule generate:
         gpu=1,
         mem_mb=RES["gpu_mem_mb"],
         runtime=RES["gpu_runtime_min"],
+    params:
+        out=lambda wildcards, output: str(Path(output.predictions).parent),
     shell:
         "OMP_NUM_THREADS={threads} panobench generate --config {input.cfg:q} --stage {wildcards.estage}"
         " --out {params.out:q} > {log:q} 2>&1"

@@ -5,8 +5,15 @@ if config.get("synthetic"):
 
     rule synth_data:
         output:
-            csvs=[f"{config['synthetic']['out']}/{split}.csv" for split in ("train", "valid", "test")],
+            csvs=[
+                f"{config['synthetic']['out']}/{split}.csv"
+                for split in ("train", "valid", "test")
+            ],
             summary=f"{config['synthetic']['out']}/summary.json",
+        log:
+            f"logs/{NAME}/synth_data.log",
+        benchmark:
+            f"benchmarks/{NAME}/synth_data.tsv"
         params:
             out=config["synthetic"]["out"],
             seed=config["synthetic"]["seed"],
@@ -15,10 +22,6 @@ if config.get("synthetic"):
             n_test=config["synthetic"]["n_test"],
             width=config["synthetic"]["width"],
             height=config["synthetic"]["height"],
-        log:
-            f"logs/{NAME}/synth_data.log",
-        benchmark:
-            f"benchmarks/{NAME}/synth_data.tsv"
         shell:
             "panobench synth --out {params.out:q} --seed {params.seed} --n-train {params.n_train}"
             " --n-valid {params.n_valid} --n-test {params.n_test} --width {params.width}"
@@ -33,14 +36,14 @@ if config.get("tiny_models"):
         output:
             vision=f"{config['tiny_models']['out']}/vision/config.json",
             llm=f"{config['tiny_models']['out']}/llm/config.json",
-        params:
-            data_dir=lambda wildcards, input: str(Path(input.csvs[0]).parent),
-            out=config["tiny_models"]["out"],
-            seed=config["tiny_models"]["seed"],
         log:
             f"logs/{NAME}/materialize_models.log",
         benchmark:
             f"benchmarks/{NAME}/materialize_models.tsv"
+        params:
+            data_dir=lambda wildcards, input: str(Path(input.csvs[0]).parent),
+            out=config["tiny_models"]["out"],
+            seed=config["tiny_models"]["seed"],
         shell:
             "panobench materialize --data-dir {params.data_dir:q} --out {params.out:q} --seed {params.seed}"
             " > {log:q} 2>&1"
@@ -49,13 +52,13 @@ if config.get("tiny_models"):
 rule resolve_config:
     output:
         f"results/{NAME}/configs/{{exp}}.yaml",
-    params:
-        # The resolved config itself is the parameter: a change to it re-runs exactly the affected cells.
-        resolved=get_resolved_json,
     log:
         f"logs/{NAME}/resolve_config/{{exp}}.log",
     benchmark:
         f"benchmarks/{NAME}/resolve_config/{{exp}}.tsv"
+    params:
+        # The resolved config itself is the parameter: a change to it re-runs exactly the affected cells.
+        resolved=get_resolved_json,
     shell:
         "panobench resolve-config --json {params.resolved:q} -o {output:q} > {log:q} 2>&1"
 
@@ -63,12 +66,12 @@ rule resolve_config:
 rule plan_matrix:
     output:
         f"results/{NAME}/manifest.json",
-    params:
-        workflow=json.dumps(config, sort_keys=True),
     log:
         f"logs/{NAME}/plan_matrix.log",
     benchmark:
         f"benchmarks/{NAME}/plan_matrix.tsv"
+    params:
+        workflow=json.dumps(config, sort_keys=True),
     shell:
         "panobench plan --workflow-json {params.workflow:q} -o {output:q} > {log:q} 2>&1"
 
@@ -78,15 +81,15 @@ rule plot_tiles:
         csv=data_inputs()[2],
     output:
         f"results/{NAME}/tiles/ov{{overlap}}.png",
-    params:
-        root=EXPERIMENTS[next(iter(EXPERIMENTS))]["data"]["root"],
-        fov=EXPERIMENTS[next(iter(EXPERIMENTS))]["geometry"]["fov"],
-    wildcard_constraints:
-        overlap=r"\d\.\d\d",
     log:
         f"logs/{NAME}/plot_tiles/ov{{overlap}}.log",
     benchmark:
         f"benchmarks/{NAME}/plot_tiles/ov{{overlap}}.tsv"
+    wildcard_constraints:
+        overlap=r"\d\.\d\d",
+    params:
+        root=EXPERIMENTS[next(iter(EXPERIMENTS))]["data"]["root"],
+        fov=EXPERIMENTS[next(iter(EXPERIMENTS))]["geometry"]["fov"],
     shell:
         "panobench tiles --from-csv {input.csv:q} --data-root {params.root:q} --overlap {wildcards.overlap}"
         " --fov {params.fov} --size 128 -o {output:q} > {log:q} 2>&1"

@@ -36,13 +36,13 @@ rule build_report:
             caption="../reports/captions/figures.rst",
             category="Figures",
         ),
-    params:
-        out=f"reports/{NAME}",
-        tiles=tiles_args(),
     log:
         f"logs/{NAME}/build_report.log",
     benchmark:
         f"benchmarks/{NAME}/build_report.tsv"
+    params:
+        out=f"reports/{NAME}",
+        tiles=tiles_args(),
     shell:
         "panobench report --results {input.results:q} --manifest {input.manifest:q} --out {params.out:q}"
         " --tiles {params.tiles} > {log:q} 2>&1"

@@ -23,7 +23,8 @@ COMMAND_MODULES = [
     "panobench.data.commands",         # synth
     "panobench.models.commands",       # materialize
     "panobench.training.commands",     # resolve-config, train
-    "panobench.evaluation.commands",   # generate, score, eval
+    "panobench.evaluation.commands",   # score
+    "panobench.evaluation.eval_commands",  # generate, eval
     "panobench.reporting.commands",    # aggregate, report
 ]
 

@@ -54,7 +54,7 @@ def generate_predictions(cfg: RunConfig, stage: str, out_dir: str | Path, *, csv
         ckpt_path = Path(checkpoint) if checkpoint else find_checkpoint(stage_dir(cfg, stage))
         load_stage_checkpoint(built.system, ckpt_path)
     model = built.system.model.to(device).eval()
-    prompts, tokenizer = built.prompts, built.tokenizer
+    prompts = built.prompts
 
     csv_path = csv_input or cfg.data.test_csv
     dataset = PanoramaCaptionDataset(csv_path, cfg.data.root, erp_size=(cfg.data.erp_height, cfg.data.erp_width),

@@ -1,0 +1,61 @@
+"""Subcommands ``generate`` (model -> predictions.csv) and ``eval`` (generate + score) of the evaluation concern."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from panobench.config import load_run_config
+from panobench.errors import CheckpointError
+from panobench.utils.io import read_json
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from panobench.evaluation.generate import EVAL_STAGES
+
+    p = subparsers.add_parser("generate", help="generate one caption per (image, query) group -> predictions.csv")
+    p.add_argument("--config", required=True, help="resolved run config YAML")
+    p.add_argument("--stage", required=True, choices=EVAL_STAGES,
+                   help="baseline = untrained stage-2 start weights; resampler/finetune = that stage's best.ckpt")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best.ckpt, else last)")
+    p.add_argument("--csv-input", default=None, help="CSV to caption (default: the config's test CSV)")
+    p.add_argument("--out", required=True, help="directory for predictions.csv and generation.json")
+    p.set_defaults(func=_generate)
+
+    p = subparsers.add_parser("eval", help="evaluate a training run directory: generate + score")
+    p.add_argument("--checkpoint-dir", required=True, help="runs/<exp>/<stage>/<crop>_<resampler>/")
+    p.add_argument("--csv-input", default=None, help="CSV to caption (default: the config's test CSV)")
+    p.add_argument("--out", default=None, help="output directory (default: <checkpoint-dir>/eval)")
+    p.add_argument("--spice", choices=["auto", "on", "off"], default="auto")
+    p.set_defaults(func=_eval)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from panobench.evaluation.generate import generate_predictions
+
+    cfg = load_run_config(args.config)
+    generate_predictions(cfg, args.stage, args.out, csv_input=args.csv_input, checkpoint=args.checkpoint)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from panobench.evaluation.generate import find_checkpoint, generate_predictions
+    from panobench.evaluation.predictions import score_predictions_file
+
+    run_dir = Path(args.checkpoint_dir)
+    meta_file = run_dir / "checkpoint_metadata.json"
+    if not (run_dir / "config.yaml").is_file() or not meta_file.is_file():
+        raise CheckpointError(f"{run_dir}: not a panobench run directory (needs config.yaml and "
+                              "checkpoint_metadata.json)")
+    cfg = load_run_config(run_dir / "config.yaml")
+    stage = read_json(meta_file)["stage"]
+    if stage == "vision":
+        raise CheckpointError(f"{run_dir}: a stage-1 (vision) run has no language model to caption with")
+    out = Path(args.out) if args.out else run_dir / "eval"
+    generate_predictions(cfg, stage, out, csv_input=args.csv_input, checkpoint=find_checkpoint(run_dir))
+    score_predictions_file(out / "predictions.csv", out / "metrics.json", spice=args.spice)
+    logger.info("wrote %s", out / "metrics.json")
+    return 0
