@@ -50,7 +50,11 @@ class VisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # SigLIP's processor normalises with mean = std = 0.5: x in [0, 255] -> [-1, 1].
         x = pixels.float().div(127.5).sub(1.0).to(next(self.model.parameters()).dtype)
-        return self.model(pixel_values=x).last_hidden_state
+        if any(p.requires_grad for p in self.model.parameters()):
+            return self.model(pixel_values=x).last_hidden_state
+        # Frozen tower (stages 2-3): keep no activations for backward; nothing upstream needs gradients.
+        with torch.no_grad():
+            return self.model(pixel_values=x).last_hidden_state
 
 
 class PanoVLM(nn.Module):
