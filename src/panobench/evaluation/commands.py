@@ -1,7 +1,32 @@
-"""Subcommands of this concern (registered by panobench.cli)."""
+"""Subcommands of this concern (registered by panobench.cli): ``score`` (``generate``/``eval`` join later)."""
+
+from __future__ import annotations
 
 import argparse
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this concern's subcommands."""
+    _register_score(subparsers)
+
+
+def _register_score(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("score", help="score a predictions.csv into metrics.json (pycocoevalcap, grouped refs)")
+    p.add_argument("--predictions", required=True, help="predictions CSV (sample_id,image,query,prediction,references)")
+    p.add_argument("--out", required=True, help="metrics.json to write")
+    p.add_argument("--spice", choices=["auto", "on", "off"], default="auto",
+                   help="auto: SPICE if its CoreNLP jars are present locally (else null + reason); on: required")
+    p.add_argument("--spice-lib", default=None,
+                   help="directory with the CoreNLP 3.6.0 jars for SPICE (default: $PANOBENCH_SPICE_LIB, then "
+                        "pycocoevalcap's spice/lib)")
+    p.set_defaults(func=_score)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from panobench.evaluation.predictions import score_predictions_file
+
+    score_predictions_file(args.predictions, args.out, spice=args.spice, spice_lib=args.spice_lib)
+    return 0

@@ -23,7 +23,9 @@ Two deliberate departures from calling pycocoevalcap naively, both output-identi
 
 METEOR uses pycocoevalcap's ``Meteor`` class unchanged: it runs ``java -jar -Xmx2G meteor-1.5.jar - - -stdio
 -l en -norm`` with cwd = its package dir, which it only reads (the jar and ``data/paraphrase-en.gz``); all
-I/O goes through stdin/stdout. Bleu/Rouge/Cider are pure Python.
+I/O goes through stdin/stdout. One such process is kept per Python process (its start-up costs ~10 s of CPU);
+each ``EVAL`` line is scored from the statistics sent with it, so calls do not influence each other.
+Bleu/Rouge/Cider are pure Python.
 """
 
 from __future__ import annotations
@@ -192,6 +194,30 @@ def find_spice_jars(spice_lib: str | os.PathLike | None = None) -> tuple[list[Pa
     return jars, f"{lib} ({origin})"
 
 
+# One METEOR Java process per Python process: starting it loads the paraphrase table (~10 s of CPU), which
+# would otherwise dominate scoring a small split. Meteor.compute_score serialises callers with its own lock.
+_METEOR: Any = None
+
+
+def _meteor() -> Any:
+    global _METEOR
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
+
+
+def _close_meteor() -> None:
+    """Stop the shared METEOR process (after a failure; a healthy one simply ends with the interpreter)."""
+    global _METEOR
+    meteor, _METEOR = _METEOR, None
+    if meteor is not None:
+        meteor.meteor_p.kill()
+        if meteor.lock.locked():  # compute_score keeps its lock when it fails; Meteor.__del__ would then hang
+            meteor.lock.release()
+
+
 def _run_spice(gts: Mapping[str, list[str]], res: Mapping[str, list[str]], corenlp_jars: list[Path]
                ) -> tuple[float, dict[str, float]]:
     """Run ``spice-1.0.jar`` like pycocoevalcap's ``Spice.compute_score`` but with all files in a temp dir."""
@@ -245,12 +271,14 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     spice_mode = _normalize_spice(spice)
     _validate(references, candidates)
     check_java()
+    spice_jars, spice_where = find_spice_jars(spice_lib) if spice_mode is not False else (None, "")
+    if spice_mode is True and spice_jars is None:  # fail before the minutes of scoring, not after
+        raise MetricError(spice_where)
     ids = list(references)
     empty = [key for key in ids if not candidates[key].strip()]
     if empty:
@@ -277,16 +305,12 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
         for key, value in zip(ids, bleu_items[n], strict=True):
             items[key][f"Bleu_{n + 1}"] = float(value)
 
-    meteor = Meteor()
+    meteor = _meteor()
     try:
         value, meteor_items = meteor.compute_score(gts, res)
     except (ValueError, BrokenPipeError) as err:  # the jar died: its stdout ended early
-        meteor.meteor_p.kill()
-        if meteor.lock.locked():  # compute_score keeps its lock on error; Meteor.__del__ would then hang
-            meteor.lock.release()
+        _close_meteor()
         raise MetricError(f"METEOR failed: {err}") from err
-    finally:
-        del meteor  # Meteor.__del__ stops the Java process now rather than at interpreter exit
     result["METEOR"] = float(value)
     for key, v in zip(ids, meteor_items, strict=True):
         items[key]["METEOR"] = float(v)
@@ -300,23 +324,19 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
     result["SPICE"], result["SPICE_reason"] = None, None
     if spice_mode is False:
         result["SPICE_reason"] = "SPICE disabled (spice=off)"
+    elif spice_jars is None:
+        result["SPICE_reason"] = spice_where
     else:
-        jars, where = find_spice_jars(spice_lib)
-        if jars is None:
+        try:
+            value, spice_items = _run_spice(gts, res, spice_jars)
+        except MetricError as err:
             if spice_mode is True:
-                raise MetricError(where)
-            result["SPICE_reason"] = where
+                raise
+            result["SPICE_reason"] = f"SPICE failed with jars from {spice_where}: {err}"
         else:
-            try:
-                value, spice_items = _run_spice(gts, res, jars)
-            except MetricError as err:
-                if spice_mode is True:
-                    raise
-                result["SPICE_reason"] = f"SPICE failed with jars from {where}: {err}"
-            else:
-                result["SPICE"] = float(value)
-                for key in ids:
-                    items[key]["SPICE"] = spice_items[key]
+            result["SPICE"] = float(value)
+            for key in ids:
+                items[key]["SPICE"] = spice_items[key]
     if result["SPICE_reason"]:
         logger.info("%s", result["SPICE_reason"])
 
