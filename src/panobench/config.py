@@ -255,12 +255,16 @@ def _validate(obj: Any, prefix: str) -> None:
         for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every_n_steps"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"config key {prefix}.{name}: must be >= 1, got {getattr(obj, name)}")
-    if isinstance(obj, ResamplerSection):
-        from panobench.models.resamplers import RESAMPLERS
+    # resampler.type is checked against the registry by check_resampler_type() (imports torch) when the matrix
+    # is expanded and again when the model is built; keeping it out of here keeps config handling torch-free.
 
-        if obj.type not in RESAMPLERS:
-            raise ConfigError(f"config key {prefix}.type: unknown resampler {obj.type!r}; "
-                              f"expected one of {sorted(RESAMPLERS)}")
+
+def check_resampler_type(name: str, where: str = "resampler.type") -> None:
+    """Raise ConfigError unless ``name`` is a key of the resampler registry."""
+    from panobench.models.resamplers import RESAMPLERS
+
+    if name not in RESAMPLERS:
+        raise ConfigError(f"config key {where}: unknown resampler {name!r}; expected one of {sorted(RESAMPLERS)}")
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from panobench.config import config_to_dict, run_config_from_dict
+from panobench.config import check_resampler_type, config_to_dict, run_config_from_dict
 from panobench.errors import ConfigError
 
 CROP = "anyres-e2p"                       # the seed's crop name, kept in the checkpoint layout
@@ -90,6 +90,8 @@ def expand_cells(wf: dict[str, Any]) -> list[Cell]:
                 _check_name(resampler, "resampler")
                 for seed in matrix["seeds"]:
                     cells.append(Cell(float(overlap), fov, resampler, vis, int(seed)))
+    for i, name in enumerate(dict.fromkeys([*matrix["resamplers"], *(v.resampler for v in vision_recipes(wf))])):
+        check_resampler_type(name, f"matrix.resamplers[{i}]")
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError("matrix expands to duplicate cell ids (repeated overlaps/resamplers/seeds?)")

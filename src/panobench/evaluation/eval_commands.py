@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from panobench.evaluation.generate import EVAL_STAGES
+    from panobench.matrix import EVAL_STAGES
 
     p = subparsers.add_parser("generate", help="generate one caption per (image, query) group -> predictions.csv")
     p.add_argument("--config", required=True, help="resolved run config YAML")

@@ -1,28 +1,33 @@
-"""anyres-e2p geometry: tile plans, the perspective renderer, per-token rays and the tiling contact sheet."""
+"""anyres-e2p geometry: tile plans, the perspective renderer, per-token rays and the tiling contact sheet.
 
-from panobench.geometry.rays import (
-    Correspondence,
-    ViewGeometry,
-    dedupe_keep_mask,
-    pool_geometry,
-    tile_correspondences,
-    view_geometry,
-)
-from panobench.geometry.render import GLOBAL_VIEW_MODE, render_global, render_tiles, render_views
-from panobench.geometry.tiling import Tile, TilePlan, plan_tiles
+Public names are re-exported lazily so that importing the CLI (``panobench.geometry.commands``) stays cheap.
+"""
 
-__all__ = [
-    "GLOBAL_VIEW_MODE",
-    "Correspondence",
-    "Tile",
-    "TilePlan",
-    "ViewGeometry",
-    "dedupe_keep_mask",
-    "plan_tiles",
-    "pool_geometry",
-    "render_global",
-    "render_tiles",
-    "render_views",
-    "tile_correspondences",
-    "view_geometry",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Correspondence": "rays",
+    "ViewGeometry": "rays",
+    "dedupe_keep_mask": "rays",
+    "pool_geometry": "rays",
+    "tile_correspondences": "rays",
+    "view_geometry": "rays",
+    "GLOBAL_VIEW_MODE": "render",
+    "render_global": "render",
+    "render_tiles": "render",
+    "render_views": "render",
+    "Tile": "tiling",
+    "TilePlan": "tiling",
+    "plan_tiles": "tiling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'panobench.geometry' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"panobench.geometry.{_EXPORTS[name]}"), name)
