@@ -54,7 +54,7 @@ class BiMambaConfig:
     pool_factor: int = 1  # k: average-pool the g×g grid k×k before the scans (1 = keep every token)
     use_mamba_ssm: Literal["auto", "never"] = "auto"  # auto: fused mamba-ssm kernels on CUDA when importable
     allow_reference_on_cuda: bool = False  # permit the (very slow) reference scan on a CUDA device
-    scan_chunk_size: int = 32  # reference scan chunk T: the Python loop runs L/T times, memory ∝ T²
+    scan_chunk_size: int = 16  # reference scan chunk T: Python loop runs L/T times; work and memory ∝ T
 
     def __post_init__(self) -> None:
         if not self.out_dim:

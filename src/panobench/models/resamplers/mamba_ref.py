@@ -61,7 +61,7 @@ def selective_scan_reference(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
-    chunk_size: int = 32,
+    chunk_size: int = 16,
 ) -> torch.Tensor:
     """Chunked selective scan with the argument layout of ``mamba_ssm``'s ``selective_scan_fn``.
 
@@ -137,7 +137,7 @@ class MambaReference(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
-        chunk_size: int = 32,
+        chunk_size: int = 16,
     ) -> None:
         super().__init__()
         self.d_model = d_model
