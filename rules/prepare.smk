@@ -44,9 +44,10 @@ if config.get("tiny_models"):
             data_dir=lambda wildcards, input: str(Path(input.csvs[0]).parent),
             out=config["tiny_models"]["out"],
             seed=config["tiny_models"]["seed"],
+            warmup=config["tiny_models"]["lm_warmup_steps"],
         shell:
-            "panobench materialize --data-dir {params.data_dir:q} --out {params.out:q} --seed {params.seed}"
-            " > {log:q} 2>&1"
+            "OMP_NUM_THREADS={threads} panobench materialize --data-dir {params.data_dir:q} --out {params.out:q}"
+            " --seed {params.seed} --lm-warmup-steps {params.warmup} > {log:q} 2>&1"
 
 
 rule resolve_config:

@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", required=True, type=Path, help="directory holding train.csv and valid.csv")
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
     p.add_argument("--seed", type=int, default=0, help="weight-init seed (default: 0)")
+    p.add_argument("--lm-warmup-steps", type=int, default=0,
+                   help="text-only LM warm-up steps on train.csv annotations (a stand-in for pre-training)")
     p.set_defaults(func=_materialize)
 
 
@@ -25,5 +27,6 @@ def _materialize(args: argparse.Namespace) -> int:
     from panobench.models.materialize import materialize_tiny_models
 
     corpus = [args.data_dir / "train.csv", args.data_dir / "valid.csv"]
-    materialize_tiny_models(args.out, corpus, seed=args.seed)
+    materialize_tiny_models(args.out, corpus, seed=args.seed, lm_warmup_steps=args.lm_warmup_steps,
+                            lm_warmup_csv=args.data_dir / "train.csv")
     return 0

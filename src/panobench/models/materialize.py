@@ -139,6 +139,8 @@ def materialize_tiny_models(
     vision_arch: dict[str, Any] = TINY_VISION,
     llm_arch: dict[str, Any] = TINY_LLM,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    lm_warmup_steps: int = 0,
+    lm_warmup_csv: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/vision/``, ``out_dir/llm/`` and ``out_dir/materialize.json`` atomically.
 
@@ -149,6 +151,10 @@ def materialize_tiny_models(
         vision_arch: ``SiglipVisionConfig`` fields of the vision tower.
         llm_arch: ``Qwen3Config`` fields of the LM, without vocab_size (it is the tokenizer's size).
         vocab_size: upper bound for the BPE vocabulary.
+        lm_warmup_steps: text-only language-model warm-up on the ``annotation`` column of ``lm_warmup_csv``
+            (the training split). A real Qwen3 arrives pre-trained; stage 2 keeps the LM frozen, so a frozen
+            *random* LM would leave nothing to align the vision tokens to. 0 = purely random weights.
+        lm_warmup_csv: the CSV whose annotations the warm-up reads (never the test split).
 
     Returns:
         The manifest written to ``materialize.json`` (paths, seed, resolved archs, corpus checksums, versions).
@@ -175,6 +181,8 @@ def materialize_tiny_models(
         vision = load_vision_backbone("tiny-siglip", init="random", arch=dict(vision_arch))
         torch.manual_seed(seed)
         llm = load_language_model("tiny-qwen3", init="random", arch=resolved_llm)
+    warmup = _warm_up_language_model(llm, tokenizer, lm_warmup_csv, lm_warmup_steps, seed, ids[IM_END]) \
+        if lm_warmup_steps > 0 else None
     gen = llm.generation_config
     gen.bos_token_id = ids[END_OF_TEXT]
     gen.eos_token_id = [ids[IM_END], ids[END_OF_TEXT]]  # stop at end of turn, or at end of text
@@ -193,6 +201,7 @@ def materialize_tiny_models(
         "vision_params": sum(p.numel() for p in vision.parameters()),
         "llm_params": sum(p.numel() for p in llm.parameters()),
         "corpus": [{"path": str(p), "sha256": _sha256(p)} for p in corpus_csvs],
+        "lm_warmup": warmup,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }
@@ -206,6 +215,41 @@ def materialize_tiny_models(
     logger.info("materialized tiny models in %s: vision %d params, LM %d params, vocab %d", out_dir,
                 manifest["vision_params"], manifest["llm_params"], len(tokenizer))
     return manifest
+
+
+def _warm_up_language_model(llm: torch.nn.Module, tokenizer: Any, csv_path: str | os.PathLike | None, steps: int,
+                            seed: int, end_id: int, batch_size: int = 16, lr: float = 3e-3) -> dict[str, Any]:
+    """Next-token training on caption texts (each followed by <|im_end|>); deterministic given the seed."""
+    if csv_path is None:
+        raise ConfigError("lm_warmup_steps > 0 needs lm_warmup_csv (the training split)")
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        texts = [row["annotation"] for row in csv.DictReader(f) if row.get("annotation")]
+    if not texts:
+        raise InputError(f"{csv_path}: no annotations to warm the language model up on")
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [end_id] for t in texts]
+    pad = tokenizer.pad_token_id
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        g = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+        llm.train()
+        for _ in range(steps):
+            idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+            length = max(len(encoded[i]) for i in idx)
+            ids = torch.full((batch_size, length), pad, dtype=torch.long)
+            labels = torch.full((batch_size, length), -100, dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                labels[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            loss = llm(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        llm.eval()
+    logger.info("LM warm-up: %d steps on %d captions, loss %.3f -> %.3f", steps, len(texts), losses[0], losses[-1])
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "csv": str(csv_path), "texts": len(texts),
+            "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def _siglip_preprocessor_config(image_size: int) -> dict[str, Any]:
