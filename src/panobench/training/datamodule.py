@@ -7,7 +7,7 @@ from ``last.ckpt`` sees exactly the batches an uninterrupted run would have seen
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,17 +21,29 @@ from panobench.models.vlm import IGNORE_INDEX
 
 
 class ResumableSampler(Sampler[int]):
-    """Yields ``total`` indices of a dataset of size ``n`` from ``start``: epoch e is randperm(n) seeded (seed, e)."""
+    """The whole run's sample order: epoch e of the dataset is ``randperm(n)`` seeded by (seed, e).
 
-    def __init__(self, n: int, total: int, seed: int, start: int = 0) -> None:
-        self.n, self.total, self.seed, self.start = n, total, seed, start
+    ``__len__`` is always the whole run (``total``) while iteration starts at ``start()`` — the number of samples
+    consumed before a resume, read when iteration begins (after the trainer restored ``global_step``). Lightning
+    counts the batches it had already fetched in the interrupted epoch on top of what the new iterator yields, so a
+    loader that shrank on resume would end the "epoch" early and then replay the same batches in a second one.
+    """
+
+    def __init__(self, n: int, total: int, seed: int, start: Callable[[], int] | int = 0) -> None:
+        self.n, self.total, self.seed = n, total, seed
+        self._start = start
+
+    @property
+    def start(self) -> int:
+        return int(self._start() if callable(self._start) else self._start)
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        return self.total
 
     def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.n)
-        produced = self.start
+        start = self.start
+        epoch, offset = divmod(start, self.n)
+        produced = start
         while produced < self.total:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -41,6 +53,20 @@ class ResumableSampler(Sampler[int]):
                 yield idx
                 produced += 1
             epoch, offset = epoch + 1, 0
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position is a function of the trainer's ``global_step`` (see :class:`ResumableSampler`).
+
+    ``state_dict``/``load_state_dict`` make Lightning treat it as resumable mid-epoch; there is nothing to store
+    because the position is recomputed from the restored step.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
 
 
 class TrainCollator:
@@ -89,7 +115,6 @@ class PanoDataModule(pl.LightningDataModule):
         self.cfg, self.stage = cfg, stage
         self.stage_cfg = cfg.stages[stage]
         self.collate = TrainCollator(prompts, pad_id)
-        self.start_sample = 0
         self.train_set: PanoramaCaptionDataset | None = None
         self.valid_set: PanoramaCaptionDataset | None = None
 
@@ -104,13 +129,15 @@ class PanoDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        # Resume: the trainer restored global_step before asking for the loader.
-        start = self.trainer.global_step * self.samples_per_step() if self.trainer is not None else 0
+        # Resume: the position is read from the trainer's global_step when iteration starts (after the restore).
         total = self.stage_cfg.max_steps * self.samples_per_step()
-        sampler = ResumableSampler(len(self.train_set), total, self.cfg.seed, start)
-        return DataLoader(self.train_set, batch_size=self.stage_cfg.batch_size, sampler=sampler,
-                          collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
-                          persistent_workers=False, drop_last=False)
+        sampler = ResumableSampler(len(self.train_set), total, self.cfg.seed, start=self._consumed_samples)
+        return ResumableLoader(self.train_set, batch_size=self.stage_cfg.batch_size, sampler=sampler,
+                               collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
+                               persistent_workers=False, drop_last=False)
+
+    def _consumed_samples(self) -> int:
+        return self.trainer.global_step * self.samples_per_step() if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         assert self.valid_set is not None
