@@ -92,8 +92,9 @@ for cfg in $CONFIGS; do
     mapfile -t targets < <(harness_targets "$cfg")
   fi
   stamp "harness: $cfg (name $name, ${#targets[@]} explicit targets)"
-  timeout "$HARNESS_TIMEOUT" snakemake --cores 16 --resources gpu=1 --scheduler greedy --keep-going \
-    --configfile "$cfg" "${targets[@]}" || echo "snakemake for $cfg exited $?"
+  # Targets first: --configfile takes every following word as a config file.
+  timeout "$HARNESS_TIMEOUT" snakemake "${targets[@]}" --cores 16 --resources gpu=1 --scheduler greedy \
+    --keep-going --configfile "$cfg" || echo "snakemake for $cfg exited $?"
   stamp "collect $name"
   python3 - "$name" <<'EOF' || true
 import json, pathlib, sys
