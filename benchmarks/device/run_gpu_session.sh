@@ -30,12 +30,13 @@ t_start=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - t_start ))s] $*"; }
 
 stamp "install carried wheels into /tmp/site"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .gpuwheels/*.whl || { echo "wheel install failed"; exit 1; }
-# The project from the carried tree (setuptools and wheel are in the image), with its `panobench` console script.
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . ||
-  { echo "project install failed"; exit 1; }
+# One pip call for the wheels and the project (built from the carried tree; setuptools and wheel are in the image):
+# with --target, a second call would not add its console scripts to the existing /tmp/site/bin (seen 2026-11-28:
+# `panobench` missing, every rule exited 127), and --upgrade would replace bin/ wholesale.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --upgrade \
+  --target /tmp/site .whl/*.whl .gpuwheels/*.whl . || { echo "install failed"; exit 1; }
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+command -v panobench snakemake || { echo "console scripts missing from /tmp/site/bin"; exit 1; }
 
 stamp "environment"
 python3 - "$OUT/env.json" <<'EOF' || { echo "environment check failed"; exit 1; }
