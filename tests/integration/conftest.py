@@ -101,3 +101,32 @@ def cfg_factory(tiny: TinySetup, tmp_path: Path):
         return make_config(tiny, tmp_path / "runs", **overrides)
 
     return factory
+
+
+@dataclass(frozen=True)
+class TrainedCell:
+    """One cell (overlap 0.5, mlp) trained through all three stages with ``train_stage``; treat as read-only."""
+
+    vision_cfg: RunConfig
+    cfg: RunConfig                     # stages 2-3: vision.checkpoint = the stage-1 best.ckpt
+    vision_dir: Path
+    resampler_dir: Path
+    finetune_dir: Path
+    records: dict[str, dict[str, Any]]
+
+
+@pytest.fixture(scope="session")
+def trained_cell(tiny: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> TrainedCell:
+    from panobench.training.builder import stage_dir
+    from panobench.training.runner import train_stage
+
+    runs = tmp_path_factory.mktemp("cell") / "runs"
+    short = {**TINY_STAGE, "max_steps": 2}
+    vision_cfg = make_config(tiny, runs, stages={"vision": short})
+    records = {"vision": train_stage(vision_cfg, "vision")}
+    vision_dir = stage_dir(vision_cfg, "vision")
+    cfg = make_config(tiny, runs, vision={"checkpoint": str(vision_dir / "best.ckpt"), "checkpoint_name": "vis"},
+                      stages={"vision": short, "finetune": short})
+    records["resampler"] = train_stage(cfg, "resampler")
+    records["finetune"] = train_stage(cfg, "finetune")
+    return TrainedCell(vision_cfg, cfg, vision_dir, stage_dir(cfg, "resampler"), stage_dir(cfg, "finetune"), records)

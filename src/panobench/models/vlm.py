@@ -45,7 +45,9 @@ class VisionEncoder(nn.Module):
         return self.image_size // self.patch_size
 
     def encoder_layers(self) -> nn.ModuleList:
-        return self.model.vision_model.encoder.layers
+        """The transformer blocks, in order (transformers 4 nests them under ``vision_model``, 5 does not)."""
+        inner = getattr(self.model, "vision_model", self.model)
+        return inner.encoder.layers
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # SigLIP's processor normalises with mean = std = 0.5: x in [0, 255] -> [-1, 1].

@@ -151,7 +151,10 @@ def build_stage(cfg: RunConfig, stage: str, *, vision_checkpoint: str | None = N
     if freeze:
         declared = declared_trainable(stage, resampler_has_grid=model.resampler.output_grid(model.vision.grid)
                                       is not None, train_resampler=cfg.stages[stage].train_resampler)
-        prefixes = [f"model.vision.model.vision_model.encoder.layers.{i}." for i in range(model.vision.num_layers)]
+        # Parameter-name prefixes of the vision blocks, found by module identity (the nesting differs between
+        # transformers versions; a hard-coded path silently matched nothing and froze every block).
+        names = {id(module): name for name, module in system.named_modules()}
+        prefixes = [names[id(layer)] + "." for layer in model.vision.encoder_layers()]
         counts = apply_freeze(system, stage, declared, cfg.vision.trainable_blocks, prefixes)
     return Built(system, prompts, tokenizer, counts, resampler_init, sources)
 

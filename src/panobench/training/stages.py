@@ -47,12 +47,20 @@ def declared_trainable(stage: str, *, resampler_has_grid: bool, train_resampler:
 def apply_freeze(system: nn.Module, stage: str, declared: set[str], vision_trainable_blocks: int,
                  vision_layer_prefixes: list[str]) -> dict[str, list[int]]:
     """Set requires_grad from the declared set, assert it took effect, return {component: [trainable, total]}."""
+    if not 0 <= vision_trainable_blocks <= len(vision_layer_prefixes):
+        raise TrainingError(f"vision.trainable_blocks={vision_trainable_blocks} is outside [0, "
+                            f"{len(vision_layer_prefixes)}] (the vision tower's number of blocks)")
+    # Not prefixes[-n:]: for n = 0 that would be every block.
+    trained_blocks = vision_layer_prefixes[len(vision_layer_prefixes) - vision_trainable_blocks:]
+    names = [name for name, _ in system.named_parameters()]
+    for prefix in trained_blocks if "vision" in declared else []:
+        if not any(name.startswith(prefix) for name in names):
+            raise TrainingError(f"stage {stage!r}: vision block prefix {prefix!r} matches no parameter")
     for name, param in system.named_parameters():
         comp = component_of(name)
         trainable = comp in declared
         if comp == "vision" and trainable:
-            trainable = any(name.startswith(p) for p in vision_layer_prefixes[-vision_trainable_blocks:]) or \
-                ".post_layernorm." in name
+            trainable = any(name.startswith(p) for p in trained_blocks) or ".post_layernorm." in name
         param.requires_grad_(trainable)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, param in system.named_parameters():
