@@ -205,7 +205,7 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
                     "metrics": f"{eval_dir(wf, cid, stage)}/metrics.json",
                     "log": f"logs/{wf['name']}/generate/{cid}_{stage}.log",
                 }
-                for stage in EVAL_STAGES
+                for stage in wf.get("eval_stages", EVAL_STAGES)
             },
         })
     recipes = [{"recipe_id": v.recipe_id, "name": v.name,

@@ -205,7 +205,7 @@ def _stage_row(cell: Mapping[str, Any], stage: str, root: Path, baseline: Mappin
         error = _failure(meas_problem, train_log)
         if upstream_failed and (train_log is None or not train_log.exists()):
             error = f"not run: an earlier stage of {cell['cell_id']} failed ({meas_problem})"
-    elif metrics_problem is not None:
+    elif metrics_problem is not None and ev:   # a stage without a configured eval has no metrics to miss
         error = _failure(metrics_problem, _resolve(ev.get("log"), root))
     row["status"] = "ok" if error is None else "failed"
     row["error"] = NAN if error is None else error
