@@ -200,13 +200,15 @@ def table(results: list[dict[str, Any]]) -> str:
     head = f"{'stage':>5} {'loss':>7} {'batch':>5} {'views':>5} {'seq':>5} {'step_ms':>8} {'p90_ms':>8} " \
            f"{'samples/s':>9} {'alloc_GiB':>9} {'resv_GiB':>9}  status"
     lines = [head]
+
+    def num(r: dict[str, Any], key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+        return fmt.format(r[key] * scale) if r.get(key) is not None else "-"
+
     for r in results:
-        def num(key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
-            return fmt.format(r[key] * scale) if r.get(key) is not None else "-"
         lines.append(f"{r['stage']:>5} {r['loss_mode']:>7} {r['batch']:>5} {r['views']:>5} "
-                     f"{r.get('visual_tokens', 0) + r.get('text_tokens', 0):>5} {num('step_time_median_s', 1e3):>8} "
-                     f"{num('step_time_p90_s', 1e3):>8} {num('samples_per_s', 1, '{:.2f}'):>9} "
-                     f"{num('peak_gpu_allocated_gib'):>9} {num('peak_gpu_reserved_gib'):>9}  {r['status']}")
+                     f"{r.get('visual_tokens', 0) + r.get('text_tokens', 0):>5} {num(r, 'step_time_median_s', 1e3):>8} "
+                     f"{num(r, 'step_time_p90_s', 1e3):>8} {num(r, 'samples_per_s', 1, '{:.2f}'):>9} "
+                     f"{num(r, 'peak_gpu_allocated_gib'):>9} {num(r, 'peak_gpu_reserved_gib'):>9}  {r['status']}")
     return "\n".join(lines)
 
 
