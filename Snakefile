@@ -33,4 +33,4 @@ rule all:
 
 onerror:
     # With --keep-going, build the report from whatever finished; failed cells are listed as failed.
-    shell(report_on_error_command())
+    report_after_failure()

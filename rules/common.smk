@@ -2,6 +2,7 @@
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -93,7 +94,8 @@ def all_cell_outputs():
     outs = []
     for cid in CELLS:
         outs += [get_stage_marker(cid, s) for s in pm.TRAIN_STAGES]
-        outs += [f"{pm.eval_dir(config, cid, s)}/metrics.json" for s in EVAL_STAGES]
+        final = "metrics.json" if config["score"] else "generation.json"
+        outs += [f"{pm.eval_dir(config, cid, s)}/{final}" for s in EVAL_STAGES]
     return outs
 
 
@@ -104,13 +106,41 @@ def get_final_output():
     ]
 
 
-def report_on_error_command():
+def report_after_failure():
+    """onerror: build the report from whatever finished (failed cells are listed as failed).
+
+    Runs the CLI directly with argument lists (no shell string, so config values are never re-parsed).
+    """
     manifest = f"results/{NAME}/manifest.json"
     out = pm.report_dir(config)
-    plan = f"panobench plan --workflow-json {shlex.quote(json.dumps(config))} -o {shlex.quote(manifest)}"
-    agg = f"panobench aggregate --manifest {shlex.quote(manifest)} --out {shlex.quote(out + '/results.csv')}"
-    rep = (
-        f"panobench report --results {shlex.quote(out + '/results.csv')} --manifest {shlex.quote(manifest)} "
-        f"--out {shlex.quote(out)} --tiles {tiles_args()}"
-    )
-    return f"({plan} && {agg} && {rep}) > logs/{NAME}/report_on_error.log 2>&1 || true"
+    results = f"{out}/results.csv"
+    tiles = [
+        f"{o}={pm.tiles_sheet_path(config, o)}" for o in config["matrix"]["overlaps"]
+    ]
+    tiles = [t for t in tiles if Path(t.split("=", 1)[1]).exists()]
+    log_path = Path(f"logs/{NAME}/report_after_failure.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    steps = [
+        ["panobench", "plan", "--workflow-json", json.dumps(config), "-o", manifest],
+        ["panobench", "aggregate", "--manifest", manifest, "--out", results],
+        [
+            "panobench",
+            "report",
+            "--results",
+            results,
+            "--manifest",
+            manifest,
+            "--out",
+            out,
+        ]
+        + (["--tiles", *tiles] if tiles else []),
+    ]
+    with open(log_path, "w") as log:
+        for cmd in steps:
+            if (
+                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+                != 0
+            ):
+                print(f"panobench: could not build the partial report; see {log_path}")
+                return
+    print(f"panobench: partial report with the failed cells listed: {out}/report.html")

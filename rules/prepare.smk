@@ -15,7 +15,7 @@ if config.get("synthetic"):
         benchmark:
             f"benchmarks/{NAME}/synth_data.tsv"
         params:
-            out=config["synthetic"]["out"],
+            out=lambda wildcards, output: str(Path(output.summary).parent),
             seed=config["synthetic"]["seed"],
             n_train=config["synthetic"]["n_train"],
             n_valid=config["synthetic"]["n_valid"],
@@ -42,7 +42,7 @@ if config.get("tiny_models"):
             f"benchmarks/{NAME}/materialize_models.tsv"
         params:
             data_dir=lambda wildcards, input: str(Path(input.csvs[0]).parent),
-            out=config["tiny_models"]["out"],
+            out=lambda wildcards, output: str(Path(output.vision).parent.parent),
             seed=config["tiny_models"]["seed"],
             warmup=config["tiny_models"]["lm_warmup_steps"],
         shell:
@@ -72,7 +72,8 @@ rule plan_matrix:
     benchmark:
         f"benchmarks/{NAME}/plan_matrix.tsv"
     params:
-        workflow=json.dumps(config, sort_keys=True),
+        # A function: Snakemake would otherwise brace-format the JSON (and trip over "{query}").
+        workflow=lambda wildcards: json.dumps(config, sort_keys=True),
     shell:
         "panobench plan --workflow-json {params.workflow:q} -o {output:q} > {log:q} 2>&1"
 
@@ -89,7 +90,7 @@ rule plot_tiles:
     wildcard_constraints:
         overlap=r"\d\.\d\d",
     params:
-        root=EXPERIMENTS[next(iter(EXPERIMENTS))]["data"]["root"],
+        root=lambda wildcards: EXPERIMENTS[next(iter(EXPERIMENTS))]["data"]["root"],
         fov=EXPERIMENTS[next(iter(EXPERIMENTS))]["geometry"]["fov"],
     shell:
         "panobench tiles --from-csv {input.csv:q} --data-root {params.root:q} --overlap {wildcards.overlap}"

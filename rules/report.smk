@@ -41,7 +41,7 @@ rule build_report:
     benchmark:
         f"benchmarks/{NAME}/build_report.tsv"
     params:
-        out=f"reports/{NAME}",
+        out=lambda wildcards, output: str(Path(output.html).parent),
         tiles=tiles_args(),
     shell:
         "panobench report --results {input.results:q} --manifest {input.manifest:q} --out {params.out:q}"

@@ -202,7 +202,8 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
             "evals": {
                 stage: {
                     "predictions": f"{eval_dir(wf, cid, stage)}/predictions.csv",
-                    "metrics": f"{eval_dir(wf, cid, stage)}/metrics.json",
+                    "generation": f"{eval_dir(wf, cid, stage)}/generation.json",
+                    "metrics": f"{eval_dir(wf, cid, stage)}/metrics.json" if wf.get("score", True) else None,
                     "log": f"logs/{wf['name']}/generate/{cid}_{stage}.log",
                 }
                 for stage in wf.get("eval_stages", EVAL_STAGES)

@@ -198,7 +198,12 @@ def _stage_row(cell: Mapping[str, Any], stage: str, root: Path, baseline: Mappin
     measurements, meas_problem = _try_read_json(meas_path)
     if measurements is not None and measurements.get("status", "completed") != "completed":
         meas_problem = f"{meas_path}: status {measurements.get('status')!r}"
-    metrics, metrics_problem = _try_read_json(metrics_path)
+    if ev and ev.get("metrics") is None and ev.get("generation"):
+        # Unscored eval (speed configs: `score: false`): generation.json alone carries decoding speed.
+        generation, metrics_problem = _try_read_json(_resolve(ev.get("generation"), root))
+        metrics = {"generation": generation} if generation is not None else None
+    else:
+        metrics, metrics_problem = _try_read_json(metrics_path)
 
     error: str | None = None
     if meas_problem is not None:
