@@ -238,3 +238,11 @@ def test_measurements_record_has_every_field(trained_cell):
 def test_bimamba_records_its_kernel_path(cfg_factory):
     model = build_stage(cfg_factory(resampler={"type": "bimamba"}), "resampler").system.model
     assert model.describe()["kernel_path"] == "reference"
+
+
+def test_finetune_refuses_a_stage2_checkpoint_from_another_vision_encoder(trained_cell, cfg_factory):
+    """Stage-2 checkpoints carry no vision weights, so stage 3 must name the same stage-1 checkpoint."""
+    meta = torch.load(trained_cell.resampler_dir / "best.ckpt", weights_only=True)["panobench"]
+    assert meta["vision_checkpoint"] == str((trained_cell.vision_dir / "best.ckpt").resolve())
+    with pytest.raises(CheckpointError, match="vision checkpoint"):
+        build_stage(cfg_factory(), "finetune", previous_stage_checkpoint=str(trained_cell.resampler_dir / "best.ckpt"))

@@ -148,3 +148,32 @@ def test_vision_stage_at_overlap_zero_is_a_clear_error(cfg_factory):
         build_stage(cfg, "vision")
     with pytest.raises(ConfigError, match=r"stage 'vision'.*overlap"):
         train_stage(cfg, "vision")
+
+
+def test_merge_puts_vision_tokens_at_each_rows_placeholder(cfg_factory):
+    """The batched merge equals the obvious per-row concatenation, wherever the placeholder sits."""
+    from panobench.models.vlm import IGNORE_INDEX
+
+    model = _model(cfg_factory)
+    b, length, t, d = 4, 10, 6, model.lm.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (b, length), generator=g)
+    ids[ids == model.placeholder_id] = 5
+    positions = [0, 4, length - 1, 2]
+    for i, p in enumerate(positions):
+        ids[i, p] = model.placeholder_id
+    mask = torch.randint(0, 2, (b, length), generator=g)
+    labels = torch.randint(0, 300, (b, length), generator=g)
+    vision = torch.randn(b, t, d, generator=g)
+    with torch.no_grad():
+        embeds, merged_mask, merged_labels = model._merge(ids, mask, vision, labels)
+        text = model.lm.get_input_embeddings()(ids.masked_fill(ids == model.placeholder_id, model.pad_id))
+    assert embeds.shape == (b, length - 1 + t, d)
+    for i, p in enumerate(positions):
+        torch.testing.assert_close(embeds[i], torch.cat([text[i, :p], vision[i], text[i, p + 1:]]), rtol=0, atol=0)
+        assert torch.equal(merged_mask[i], torch.cat([mask[i, :p], torch.ones(t, dtype=mask.dtype), mask[i, p + 1:]]))
+        assert torch.equal(merged_labels[i], torch.cat([labels[i, :p], torch.full((t,), IGNORE_INDEX),
+                                                        labels[i, p + 1:]]))
+    ids[0, 1] = model.placeholder_id     # two placeholders in one row: refused
+    with pytest.raises(ValueError, match="exactly one vision placeholder"):
+        model._merge(ids, mask, vision, labels)

@@ -142,19 +142,25 @@ class PanoVLM(nn.Module):
         counts = is_ph.sum(1)
         if not bool((counts == 1).all()):
             raise ValueError(f"each prompt must hold exactly one vision placeholder; found {counts.tolist()}")
-        pos = is_ph.float().argmax(1)
-        text = embed_layer(input_ids.masked_fill(is_ph, self.pad_id))
+        text = embed_layer(input_ids.masked_fill(is_ph, self.pad_id))                    # [B, L, D]
+        b, length = input_ids.shape
         t = vision.shape[1]
-        out_e, out_m, out_l = [], [], []
-        ones = attention_mask.new_ones(t)
-        for i in range(input_ids.shape[0]):
-            p = int(pos[i])
-            out_e.append(torch.cat([text[i, :p], vision[i].to(text.dtype), text[i, p + 1:]]))
-            out_m.append(torch.cat([attention_mask[i, :p], ones, attention_mask[i, p + 1:]]))
-            if labels is not None:
-                out_l.append(torch.cat([labels[i, :p], labels.new_full((t,), IGNORE_INDEX), labels[i, p + 1:]]))
-        merged_labels = torch.stack(out_l) if labels is not None else None
-        return torch.stack(out_e), torch.stack(out_m), merged_labels
+        # One gather per tensor instead of a per-row Python loop: output position j of row i holds text token j
+        # before the placeholder p_i, vision token j - p_i inside [p_i, p_i + T), text token j - T + 1 after.
+        pos = is_ph.long().argmax(1, keepdim=True)                                       # [B, 1]
+        j = torch.arange(length - 1 + t, device=input_ids.device).unsqueeze(0)           # [1, L']
+        in_vision = (j >= pos) & (j < pos + t)                                           # [B, L']
+        text_idx = torch.where(j < pos, j, j - t + 1).clamp(0, length - 1)               # [B, L']
+        vision_idx = (j - pos).clamp(0, t - 1)                                           # [B, L']
+        d = text.shape[-1]
+        embeds = torch.where(in_vision.unsqueeze(-1),
+                             vision.to(text.dtype).gather(1, vision_idx.unsqueeze(-1).expand(b, -1, d)),
+                             text.gather(1, text_idx.unsqueeze(-1).expand(b, -1, d)))
+        mask = torch.where(in_vision, attention_mask.new_ones(()), attention_mask.gather(1, text_idx))
+        merged_labels = None
+        if labels is not None:
+            merged_labels = torch.where(in_vision, labels.new_full((), IGNORE_INDEX), labels.gather(1, text_idx))
+        return embeds, mask, merged_labels
 
     def forward(self, erp: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -134,11 +134,17 @@ def build_stage(cfg: RunConfig, stage: str, *, vision_checkpoint: str | None = N
     if stage != "vision" and vision_ckpt:
         resampler_init = _load_vision_checkpoint(system, cfg, Path(vision_ckpt))
         sources["vision_checkpoint"] = str(vision_ckpt)
+        system.vision_checkpoint = str(Path(vision_ckpt).resolve())
     if stage == "finetune":
         prev = Path(previous_stage_checkpoint or stage_dir(cfg, "resampler") / "best.ckpt")
         ckpt = load_checkpoint_file(prev)
         check_same_run(ckpt["panobench"], {"stage": "resampler", "model_signature": model_signature(cfg)},
                        what=f"stage-2 checkpoint {prev}")
+        # Stage-2 checkpoints hold no vision weights: stage 3 must start from the same vision encoder.
+        if "vision_checkpoint" in ckpt["panobench"] and ckpt["panobench"]["vision_checkpoint"] != \
+                system.vision_checkpoint:
+            raise CheckpointError(f"{prev}: stage 2 used vision checkpoint {ckpt['panobench']['vision_checkpoint']}, "
+                                  f"this stage-3 run uses {system.vision_checkpoint} (set vision.checkpoint alike)")
         for comp in ("resampler", "projector", "pe"):
             if any(component_of(k) == comp for k in system.state_dict()):
                 _load_component(system, ckpt, comp, prev)

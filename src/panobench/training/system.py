@@ -54,6 +54,7 @@ class PanoVLMSystem(pl.LightningModule):
         self.stage_cfg = cfg.stages[stage]
         self.strict_loading = False   # frozen backbones are not in our checkpoints; on_load_checkpoint checks keys
         self.vicreg_projector: nn.Module | None = None
+        self.vision_checkpoint: str | None = None   # stage-1 checkpoint the vision encoder came from (set by builder)
         self.step_losses: list[float] = []
         if stage == "vision":
             self._setup_vicreg()
@@ -161,6 +162,7 @@ class PanoVLMSystem(pl.LightningModule):
             "model_signature": model_signature(self.cfg),
             "resampler": {"type": self.cfg.resampler.type, "config": self.model.resampler.config_dict()},
             "keys": self.saved_keys(),
+            "vision_checkpoint": self.vision_checkpoint,
             "resolved_config": config_to_dict(self.cfg),
         }
 
