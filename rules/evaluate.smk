@@ -25,15 +25,20 @@ rule generate:
 
 
 rule score:
+    # One job per cell scores all its evaluated checkpoints: one Java/METEOR start-up instead of one per stage.
     input:
-        predictions=f"{RUNS}/{{cell}}/eval/{{estage}}/predictions.csv",
-        generation=f"{RUNS}/{{cell}}/eval/{{estage}}/generation.json",
+        predictions=lambda wildcards: [
+            f"{RUNS}/{wildcards.cell}/eval/{s}/predictions.csv" for s in EVAL_STAGES
+        ],
+        generation=lambda wildcards: [
+            f"{RUNS}/{wildcards.cell}/eval/{s}/generation.json" for s in EVAL_STAGES
+        ],
     output:
-        f"{RUNS}/{{cell}}/eval/{{estage}}/metrics.json",
+        [f"{RUNS}/{{cell}}/eval/{s}/metrics.json" for s in EVAL_STAGES],
     log:
-        f"logs/{NAME}/score/{{cell}}_{{estage}}.log",
+        f"logs/{NAME}/score/{{cell}}.log",
     benchmark:
-        f"benchmarks/{NAME}/score/{{cell}}_{{estage}}.tsv"
+        f"benchmarks/{NAME}/score/{{cell}}.tsv"
     resources:
         mem_mb=RES["cpu_mem_mb"],
         runtime=RES["cpu_runtime_min"],

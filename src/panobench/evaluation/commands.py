@@ -15,8 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_score(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("score", help="score a predictions.csv into metrics.json (pycocoevalcap, grouped refs)")
-    p.add_argument("--predictions", required=True, help="predictions CSV (sample_id,image,query,prediction,references)")
-    p.add_argument("--out", required=True, help="metrics.json to write")
+    p.add_argument("--predictions", required=True, nargs="+",
+                   help="predictions CSV(s) (sample_id,image,query,prediction,references)")
+    p.add_argument("--out", required=True, nargs="+",
+                   help="metrics.json to write, one per predictions CSV (several in one call share one METEOR "
+                        "process, whose start-up dominates small evaluations)")
     p.add_argument("--spice", choices=["auto", "on", "off"], default="auto",
                    help="auto: SPICE if its CoreNLP jars are present locally (else null + reason); on: required")
     p.add_argument("--spice-lib", default=None,
@@ -28,5 +31,10 @@ def _register_score(subparsers: argparse._SubParsersAction) -> None:
 def _score(args: argparse.Namespace) -> int:
     from panobench.evaluation.predictions import score_predictions_file
 
-    score_predictions_file(args.predictions, args.out, spice=args.spice, spice_lib=args.spice_lib)
+    from panobench.errors import ConfigError
+
+    if len(args.predictions) != len(args.out):
+        raise ConfigError(f"--predictions names {len(args.predictions)} file(s) but --out {len(args.out)}")
+    for predictions, out in zip(args.predictions, args.out, strict=True):
+        score_predictions_file(predictions, out, spice=args.spice, spice_lib=args.spice_lib)
     return 0
