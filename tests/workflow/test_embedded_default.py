@@ -1,0 +1,130 @@
+"""The main job: the embedded default config runs end to end on CPU, and what it produces.
+
+One session-scoped run of `snakemake --cores all` on config/config.yaml (16 cells) in a scratch copy of the
+workflow; the tests below inspect its outputs. This is the slowest part of the suite (several minutes).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, copy_workflow, run_snakemake, snakemake_env
+
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+NAME = CONFIG["name"]
+SPEED_COLUMNS = ["step_time_median_s", "step_time_p90_s", "samples_per_s", "tokens_per_s", "peak_host_rss_gib",
+                 "flops_per_step", "num_views", "visual_tokens_per_sample", "trainable_params", "total_params",
+                 "kernel_path", "bench_s"]
+METRIC_COLUMNS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("default") / "wf")
+    start = time.perf_counter()
+    run_snakemake(workdir, "--cores", "all")
+    print(f"\nembedded default: {time.perf_counter() - start:.0f} s wall")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def results(default_run: Path) -> pd.DataFrame:
+    return pd.read_csv(default_run / "reports" / NAME / "results.csv")
+
+
+def test_one_row_per_cell_and_stage_all_ok(results: pd.DataFrame) -> None:
+    m = CONFIG["matrix"]
+    cells = len(m["overlaps"]) * len(m["resamplers"]) * len(m["vision_checkpoints"]) * len(m["seeds"])
+    assert len(results) == cells * 2
+    assert set(results["stage"]) == {"resampler", "finetune"}
+    assert results.groupby(["cell_id", "stage"]).size().eq(1).all()
+    assert (results["status"] == "ok").all(), results.loc[results["status"] != "ok", ["cell_id", "error"]]
+
+
+def test_no_missing_speed_or_metric_values(results: pd.DataFrame) -> None:
+    assert results[SPEED_COLUMNS].notna().all().all(), results[SPEED_COLUMNS].isna().sum()
+    evaluated = results[results["stage"].isin(CONFIG["eval_stages"])]
+    assert len(evaluated) > 0
+    cols = METRIC_COLUMNS + [f"baseline_{c}" for c in METRIC_COLUMNS] + ["gen_tokens_per_s"]
+    assert evaluated[cols].notna().all().all(), evaluated[cols].isna().sum()
+
+
+def test_overlap_changes_what_the_model_sees(results: pd.DataFrame) -> None:
+    """5 views at overlap 0, 9 at overlap 0.5 (FOV 90), and more visual tokens per sample."""
+    views = results.groupby("overlap")["num_views"].unique()
+    assert list(views.loc[0.0]) == [5] and list(views.loc[0.5]) == [9]
+    tokens = results.groupby("overlap")["visual_tokens_per_sample"].min()
+    assert tokens.loc[0.5] > tokens.loc[0.0]
+
+
+def test_training_beats_the_untrained_baseline(results: pd.DataFrame) -> None:
+    """Short CPU training moves CIDEr well above the untrained (stage-2 start) model."""
+    final = results[results["stage"] == "finetune"]
+    ratio = final["CIDEr"].mean() / max(final["baseline_CIDEr"].mean(), 1e-6)
+    print("\n" + final[["cell_id", "baseline_CIDEr", "CIDEr"]].to_string(index=False))
+    print(f"mean CIDEr: baseline {final['baseline_CIDEr'].mean():.3f} -> finetune {final['CIDEr'].mean():.3f} "
+          f"({ratio:.1f}x)")
+    assert (final["CIDEr"] > final["baseline_CIDEr"]).mean() >= 0.75
+    assert ratio >= 3.0
+
+
+def test_vision_recipe_trained_once_and_reused(default_run: Path) -> None:
+    recipes = [v for v in CONFIG["matrix"]["vision_checkpoints"] if "train" in v]
+    logs = list((default_run / "logs" / NAME / "train_vision").glob("*.log"))
+    assert len(logs) == len(recipes) == 1
+    metas = [json.loads(p.read_text()) for p in default_run.glob(f"runs/{NAME}/*vis-{recipes[0]['name']}*/resampler/"
+                                                                  "*/checkpoint_metadata.json")]
+    assert len(metas) == 8
+    sources = {m["init_sources"]["vision_checkpoint"] for m in metas}
+    assert len(sources) == 1
+    inits = {m["cell_id"].split("_")[2]: m["resampler_init"] for m in metas}
+    assert inits["mlp"] == "loaded"            # the recipe trained an mlp resampler
+    assert inits["qformer"] == "fresh" and inits["perceiver"] == "fresh"
+
+
+def test_report_is_self_contained_and_embeds_every_figure(default_run: Path) -> None:
+    report = default_run / "reports" / NAME
+    html = (report / "report.html").read_text()
+    figures = sorted((report / "figures").glob("*.png"))
+    assert len(figures) >= 5
+    embedded = re.findall(r'<img[^>]+src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    payloads = {base64.b64decode(e) for e in embedded}
+    for fig in figures:
+        assert fig.read_bytes() in payloads, f"{fig.name} is not embedded"
+    tiles = sorted((default_run / "results" / NAME / "tiles").glob("*.png"))
+    assert len(tiles) == len(CONFIG["matrix"]["overlaps"])
+    for tile in tiles:
+        assert tile.read_bytes() in payloads, f"{tile.name} is not embedded"
+    assert not re.search(r'(src|href)="(https?:|file:|/)', html)
+
+
+def test_second_run_does_nothing(default_run: Path) -> None:
+    proc = run_snakemake(default_run, "-n", "--cores", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_snakemake_report(default_run: Path) -> None:
+    run_snakemake(default_run, "--report", "report.zip")
+    assert (default_run / "report.zip").stat().st_size > 10_000
+
+
+def test_eval_of_a_training_run_directory_from_the_cli(default_run: Path) -> None:
+    """`panobench eval --checkpoint-dir` on a directory the training code wrote (loads LoRA strictly)."""
+    run_dir = next(default_run.glob(f"runs/{NAME}/ov0.50_*_mlp_vis-pretrained_seed0/finetune/anyres-e2p_mlp"))
+    out = default_run / "eval-cli"
+    proc = subprocess.run([sys.executable, "-m", "panobench", "eval", "--checkpoint-dir", str(run_dir),
+                           "--out", str(out)], cwd=default_run, env=snakemake_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    workflow_metrics = json.loads((run_dir.parents[1] / "eval" / "finetune" / "metrics.json").read_text())
+    assert metrics["metrics"]["CIDEr"] == pytest.approx(workflow_metrics["metrics"]["CIDEr"])
+    assert (run_dir / "lora_weights" / "adapter_model.safetensors").is_file()
