@@ -30,7 +30,6 @@ wildcard_constraints:
     cell=_alternatives(CELLS),
     recipe=_alternatives(RECIPES),
     exp=_alternatives(EXPERIMENTS),
-    estage="|".join(pm.EVAL_STAGES),
     resampler="[a-z][a-z0-9_]*",
 
 
@@ -74,8 +73,9 @@ def get_generate_inputs(wildcards):
         "models": model_inputs(),
         "vision": vision_input(wildcards.cell),
     }
-    if wildcards.estage != "baseline":
-        inputs["trained"] = get_stage_marker(wildcards.cell, wildcards.estage)
+    inputs["trained"] = [
+        get_stage_marker(wildcards.cell, s) for s in EVAL_STAGES if s != "baseline"
+    ]
     return inputs
 
 

@@ -3,24 +3,26 @@
 
 
 rule generate:
+    # One job per cell generates for every evaluated checkpoint: the model code is imported once.
     input:
         unpack(get_generate_inputs),
     output:
-        predictions=f"{RUNS}/{{cell}}/eval/{{estage}}/predictions.csv",
-        generation=f"{RUNS}/{{cell}}/eval/{{estage}}/generation.json",
+        predictions=[f"{RUNS}/{{cell}}/eval/{s}/predictions.csv" for s in EVAL_STAGES],
+        generation=[f"{RUNS}/{{cell}}/eval/{s}/generation.json" for s in EVAL_STAGES],
     log:
-        f"logs/{NAME}/generate/{{cell}}_{{estage}}.log",
+        f"logs/{NAME}/generate/{{cell}}.log",
     benchmark:
-        f"benchmarks/{NAME}/generate/{{cell}}_{{estage}}.tsv"
+        f"benchmarks/{NAME}/generate/{{cell}}.tsv"
     threads: RES["train_threads"]
     resources:
         gpu=1,
         mem_mb=RES["gpu_mem_mb"],
         runtime=RES["gpu_runtime_min"],
     params:
-        out=lambda wildcards, output: str(Path(output.predictions).parent),
+        stages=EVAL_STAGES,
+        out=lambda wildcards, output: [str(Path(p).parent) for p in output.predictions],
     shell:
-        "OMP_NUM_THREADS={threads} panobench generate --config {input.cfg:q} --stage {wildcards.estage}"
+        "OMP_NUM_THREADS={threads} panobench generate --config {input.cfg:q} --stage {params.stages}"
         " --out {params.out:q} > {log:q} 2>&1"
 
 

@@ -204,7 +204,7 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
                     "predictions": f"{eval_dir(wf, cid, stage)}/predictions.csv",
                     "generation": f"{eval_dir(wf, cid, stage)}/generation.json",
                     "metrics": f"{eval_dir(wf, cid, stage)}/metrics.json" if wf.get("score", True) else None,
-                    "log": f"logs/{wf['name']}/generate/{cid}_{stage}.log",
+                    "log": f"logs/{wf['name']}/generate/{cid}.log",
                 }
                 for stage in wf.get("eval_stages", EVAL_STAGES)
             },

@@ -18,11 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("generate", help="generate one caption per (image, query) group -> predictions.csv")
     p.add_argument("--config", required=True, help="resolved run config YAML")
-    p.add_argument("--stage", required=True, choices=EVAL_STAGES,
-                   help="baseline = untrained stage-2 start weights; resampler/finetune = that stage's best.ckpt")
+    p.add_argument("--stage", required=True, choices=EVAL_STAGES, nargs="+",
+                   help="baseline = untrained stage-2 start weights; resampler/finetune = that stage's best.ckpt "
+                        "(several stages in one call share the start-up cost)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best.ckpt, else last)")
     p.add_argument("--csv-input", default=None, help="CSV to caption (default: the config's test CSV)")
-    p.add_argument("--out", required=True, help="directory for predictions.csv and generation.json")
+    p.add_argument("--out", required=True, nargs="+",
+                   help="directory for predictions.csv and generation.json, one per --stage")
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("eval", help="evaluate a training run directory: generate + score")
@@ -36,8 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from panobench.evaluation.generate import generate_predictions
 
+    from panobench.errors import ConfigError
+
+    if len(args.stage) != len(args.out):
+        raise ConfigError(f"--stage names {len(args.stage)} stage(s) but --out {len(args.out)} directories")
+    if args.checkpoint and len(args.stage) > 1:
+        raise ConfigError("--checkpoint applies to a single --stage")
     cfg = load_run_config(args.config)
-    generate_predictions(cfg, args.stage, args.out, csv_input=args.csv_input, checkpoint=args.checkpoint)
+    for stage, out in zip(args.stage, args.out, strict=True):
+        generate_predictions(cfg, stage, out, csv_input=args.csv_input, checkpoint=args.checkpoint)
     return 0
 
 
