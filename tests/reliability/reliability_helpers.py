@@ -152,7 +152,9 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> WorkflowRun:
     workdir = copy_workflow(tmp_path_factory.mktemp("reference") / "wf")
     configfile = write_config(workdir, reliability_config())
     before = all_files(workdir)
-    proc = run_snakemake(workdir, "--cores", "2", "--configfile", configfile)
+    proc = run_snakemake(workdir, "--cores", "2", "--configfile", configfile, check=False)
+    (workdir.parent / "snakemake.out").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"reference run failed; full output in {workdir.parent / 'snakemake.out'}"
     return WorkflowRun(workdir, configfile, proc.stdout + proc.stderr, proc.returncode, before)
 
 
@@ -165,13 +167,20 @@ def _stage2_mid_run() -> Callable[[Path], dict[str, Any] | None]:
     return check
 
 
-def _job_running(log_name: str, outputs: list[str]) -> Callable[[Path], dict[str, Any] | None]:
+def _job_running(command: str, outputs: list[str]) -> Callable[[Path], dict[str, Any] | None]:
+    """Holds once a ``panobench COMMAND`` process of the workflow has run for a second (model built / scorer
+    started) and the job's outputs do not exist yet."""
+    import psutil
+
     def check(workdir: Path) -> dict[str, Any] | None:
-        log = workdir / "logs" / NAME / log_name
         out = eval_dir(workdir, KILLED_CELL)
-        if log.is_file() and log.stat().st_size > 0 and not any((out / o).exists() for o in outputs):
-            time.sleep(0.5)   # well inside the job (model built / scorer started), not at its first line
-            return {"phase": log_name}
+        if any((out / o).exists() for o in outputs):
+            return None
+        for p in psutil.process_iter(["cmdline", "cwd", "create_time"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if f"panobench {command} " in cmd and KILLED_CELL in cmd and p.info["cwd"] == str(workdir) \
+                    and time.time() - p.info["create_time"] > 1.0:
+                return {"phase": command}
         return None
     return check
 
@@ -189,12 +198,10 @@ def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> WorkflowRun:
     target = f"runs/{NAME}/{KILLED_CELL}/eval/finetune/metrics.json"
     args = ["--cores", "2", "--configfile", configfile, "--rerun-incomplete", target]
     run = WorkflowRun(workdir, configfile)
-    gen_log = f"generate/{KILLED_CELL}_finetune.log"
-    score_log = f"score/{KILLED_CELL}.log"   # one scoring job per cell (all its eval stages)
     conditions = [
         (lambda: _stage2_mid_run()(workdir)),
-        (lambda: _job_running(gen_log, ["predictions.csv"])(workdir)),
-        (lambda: _job_running(score_log, ["metrics.json"])(workdir)),
+        (lambda: _job_running("generate", ["predictions.csv"])(workdir)),
+        (lambda: _job_running("score", ["metrics.json"])(workdir)),
     ]
     for condition in conditions:
         state = run_until_then_kill(workdir, args, condition)

@@ -69,7 +69,7 @@ def test_eval_sigkill_leaves_no_truncated_outputs(interrupted_run, reference_run
     """Guarantee: a SIGKILL during ``generate`` or ``score`` leaves predictions.csv/metrics.json either absent or
     complete (atomic writes), and the re-run completes with the uninterrupted run's results."""
     phases = [k["phase"] for k in interrupted_run.kills]
-    assert phases[1].startswith("generate/") and phases[2].startswith("score/")
+    assert phases[1:] == ["generate", "score"]
     reference = eval_dir(reference_run.workdir, KILLED_CELL)
     for kill in interrupted_run.kills[1:]:
         files = kill["eval_files"]
