@@ -12,6 +12,10 @@
 #                                         stages and generation of each cell (no scoring, no report)
 #   OVERLAPS="0.5" RESAMPLERS="mlp bimamba"   with TARGETS=train: only these cells (split a matrix over calls)
 #   HARNESS_TIMEOUT=480                   seconds for each Snakemake run, so the tarball is still written in time
+#   DEADLINE=570                          seconds after start by which every Snakemake run must end (caps the above)
+#   VLM_STEP_ARGS="..."                   run benchmarks/vlm_step.py with these arguments first (writes vlm_step.json)
+#   DDP=1                                 also run one stage-3 cell (overlap 0, mlp) of config/gpu-speed.yaml with
+#                                         runtime.devices=2 as config "gpu-speed-ddp" (trained stages only)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
@@ -26,6 +30,9 @@ TARGETS=${TARGETS:-report}
 OVERLAPS=${OVERLAPS:-}
 RESAMPLERS=${RESAMPLERS:-}
 HARNESS_TIMEOUT=${HARNESS_TIMEOUT:-480}
+DEADLINE=${DEADLINE:-570}
+VLM_STEP_ARGS=${VLM_STEP_ARGS:-}
+DDP=${DDP:-0}
 t_start=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - t_start ))s] $*"; }
 
@@ -55,6 +62,29 @@ env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cud
 json.dump(env, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(env, indent=2))
 EOF
+
+if [[ -n "$VLM_STEP_ARGS" ]]; then
+  stamp "panobench step variants (benchmarks/vlm_step.py $VLM_STEP_ARGS)"
+  # The tiny tokenizer the speed configs name (resources/tiny-2k, carried or materialized first).
+  [[ -e resources/tiny-2k/llm/tokenizer.json ]] || snakemake --cores 4 --configfile config/gpu-speed.yaml \
+    --scheduler greedy resources/tiny-2k/llm/tokenizer.json || true
+  # shellcheck disable=SC2086
+  python3 benchmarks/vlm_step.py $VLM_STEP_ARGS --out "$OUT/vlm_step.json" || echo "vlm_step.py exited $?"
+  (cd "$OUT" && ls profile-*.txt >/dev/null 2>&1 && tar czf profiles.tar.gz profile-*.txt && rm profile-*.txt)
+fi
+
+if [[ "$DDP" == 1 ]]; then
+  python3 - <<'PY'
+import yaml
+wf = yaml.safe_load(open("config/gpu-speed.yaml"))
+wf["name"] = "gpu-speed-ddp"
+wf["matrix"]["overlaps"] = [0.0]
+wf["matrix"]["resamplers"] = ["mlp"]
+wf["run"]["runtime"]["devices"] = 2
+yaml.safe_dump(wf, open("config/gpu-speed-ddp.yaml", "w"), sort_keys=False)
+PY
+  CONFIGS="config/gpu-speed-ddp.yaml $CONFIGS"   # first: one small cell, sure to fit the call
+fi
 
 if [[ "$NAIVE" == 1 ]]; then
   stamp "naive reference step (SPEC §8)"
@@ -89,12 +119,17 @@ EOF
 for cfg in $CONFIGS; do
   name=$(python3 -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$cfg")
   targets=()
-  if [[ "$TARGETS" == train ]]; then
+  if [[ "$name" == gpu-speed-ddp ]]; then
+    mapfile -t targets < <(OVERLAPS="" RESAMPLERS="" harness_targets "$cfg" | grep measurements.json)
+  elif [[ "$TARGETS" == train ]]; then
     mapfile -t targets < <(harness_targets "$cfg")
   fi
   stamp "harness: $cfg (name $name, ${#targets[@]} explicit targets)"
   # Targets first: --configfile takes every following word as a config file.
-  timeout "$HARNESS_TIMEOUT" snakemake "${targets[@]}" --cores 16 --resources gpu=1 --scheduler greedy \
+  left=$(( DEADLINE - ($(date +%s) - t_start) ))
+  budget=$(( left < HARNESS_TIMEOUT ? left : HARNESS_TIMEOUT ))
+  (( budget > 20 )) || { echo "no time left for $cfg"; continue; }
+  timeout "$budget" snakemake "${targets[@]}" --cores 16 --resources gpu=1 --scheduler greedy \
     --keep-going --configfile "$cfg" || echo "snakemake for $cfg exited $?"
   stamp "collect $name"
   python3 - "$name" <<'EOF' || true

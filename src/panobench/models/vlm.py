@@ -53,10 +53,13 @@ class VisionEncoder(nn.Module):
         # SigLIP's processor normalises with mean = std = 0.5: x in [0, 255] -> [-1, 1].
         x = pixels.float().div(127.5).sub(1.0).to(next(self.model.parameters()).dtype)
         if any(p.requires_grad for p in self.model.parameters()):
-            return self.model(pixel_values=x).last_hidden_state
-        # Frozen tower (stages 2-3): keep no activations for backward; nothing upstream needs gradients.
-        with torch.no_grad():
-            return self.model(pixel_values=x).last_hidden_state
+            out = self.model(pixel_values=x).last_hidden_state
+        else:
+            # Frozen tower (stages 2-3): keep no activations for backward; nothing upstream needs gradients.
+            with torch.no_grad():
+                out = self.model(pixel_values=x).last_hidden_state
+        # A bf16 tower feeds fp32 modules (resampler): outside autocast (generation) hand them fp32.
+        return out if torch.is_autocast_enabled(out.device.type) else out.float()
 
 
 class PanoVLM(nn.Module):
@@ -169,7 +172,8 @@ class PanoVLM(nn.Module):
         embeds, mask, labels = self._merge(input_ids, attention_mask, vision, labels)
         causal = self.causal_lm()
         decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
-        hidden = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state   # [B, L', D]
+        # use_cache=False: training needs no KV cache (the decoder would otherwise build one every step).
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state  # [B, L', D]
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         h = hidden[:, :-1][select]                                        # [M, D] rows with a target

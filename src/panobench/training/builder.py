@@ -10,6 +10,7 @@ Initial weights per stage:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -62,18 +63,44 @@ class Built:
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype | None:
-    # Frozen backbones in bf16 when training in bf16: halves their memory; trainable parts stay fp32 (AMP).
+    # Frozen backbones in bf16 when training in bf16: halves their memory and autocast no longer re-casts their
+    # weights every step; trainable parts (resampler, projector, PE, LoRA) stay fp32 (AMP).
     return torch.bfloat16 if cfg.runtime.precision.startswith("bf16") else None
 
 
-def build_model(cfg: RunConfig) -> tuple[PanoVLM, Any, PromptBuilder]:
+def build_device(cfg: RunConfig) -> torch.device | None:
+    """Where the backbones are built: this process's GPU on CUDA runs (random init of ~1 B parameters on the CPU
+    took longer than the whole measured run), None (CPU) otherwise. Under DDP each rank builds on its LOCAL_RANK."""
+    wants_cuda = cfg.runtime.accelerator == "cuda" or (cfg.runtime.accelerator == "auto" and torch.cuda.is_available())
+    if not wants_cuda or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_model(cfg: RunConfig, stage: str | None = None) -> tuple[PanoVLM, Any, PromptBuilder]:
+    """Backbones (on the GPU when the run is on CUDA), resampler, projector, PE and the prompt builder.
+
+    The vision tower is built in bf16 only when it is frozen (every stage but ``vision``): stage 1 trains it.
+    """
     tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.name_or_path)
-    vision = load_vision_backbone(cfg.vision.name_or_path, init=cfg.vision.init, arch=dict(cfg.vision.arch))
-    lm = load_language_model(cfg.llm.name_or_path, init=cfg.llm.init, arch=dict(cfg.llm.arch), dtype=_dtype(cfg))
+    device = build_device(cfg)
+    vision_dtype = _dtype(cfg) if stage not in (None, "vision") else None
+    with device if device is not None else contextlib.nullcontext():
+        vision = load_vision_backbone(cfg.vision.name_or_path, init=cfg.vision.init, arch=dict(cfg.vision.arch),
+                                      dtype=vision_dtype)
+        lm = load_language_model(cfg.llm.name_or_path, init=cfg.llm.init, arch=dict(cfg.llm.arch), dtype=_dtype(cfg))
     prompts = PromptBuilder(tokenizer, instruction_template=cfg.prompt_instruction)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Geometry, resampler, projector and PE are small and built on the CPU (their set-up uses NumPy), then moved.
     model = PanoVLM(cfg, vision, lm, placeholder_id=prompts.placeholder_id, pad_id=pad_id)
+    if device is not None:
+        model.to(device)
     return model, tokenizer, prompts
+
+
+def enable_gradient_checkpointing(model: PanoVLM) -> None:
+    """Recompute each LM decoder layer in backward instead of keeping its activations (non-reentrant)."""
+    model.causal_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _load_component(system: PanoVLMSystem, ckpt: dict[str, Any], comp: str, path: Path) -> None:
@@ -126,7 +153,7 @@ def build_stage(cfg: RunConfig, stage: str, *, vision_checkpoint: str | None = N
                 previous_stage_checkpoint: str | None = None, freeze: bool = True) -> Built:
     """The system for ``stage`` with its initial weights and trainable set (asserted)."""
     torch.manual_seed(cfg.seed)   # fresh resampler/projector/PE init is a function of the seed
-    model, tokenizer, prompts = build_model(cfg)
+    model, tokenizer, prompts = build_model(cfg, stage)
     system = PanoVLMSystem(cfg, stage, model)
     sources: dict[str, str | None] = {"vision": cfg.vision.name_or_path, "llm": cfg.llm.name_or_path}
     resampler_init = "fresh"
@@ -151,6 +178,8 @@ def build_stage(cfg: RunConfig, stage: str, *, vision_checkpoint: str | None = N
         sources["stage2_checkpoint"] = str(prev)
         resampler_init = "stage2"
         attach_lora(model, cfg)
+    if stage != "vision" and cfg.stages[stage].gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     counts: dict[str, list[int]] = {}
     if freeze:
         declared = declared_trainable(stage, resampler_has_grid=model.resampler.output_grid(model.vision.grid)

@@ -29,7 +29,7 @@ from panobench.measurement.throughput import (
     peak_host_rss_gib,
     summarize_step_times,
 )
-from panobench.training.builder import build_stage, stage_dir
+from panobench.training.builder import build_device, build_stage, stage_dir
 from panobench.training.callbacks import ThroughputCallback
 from panobench.training.datamodule import PanoDataModule
 from panobench.utils.io import read_json, write_json_atomic
@@ -110,10 +110,11 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     trainer.fit(system, datamodule=data, ckpt_path=resume_from, weights_only=True)
     if not (out / "best.ckpt").exists():
         raise CheckpointError(f"{out}: training finished without a best.ckpt (no validation ran?)")
+    record = _measurements(cfg, stage, system, built, throughput, flops, data)
+    if not trainer.is_global_zero:   # DDP: rank 0 writes the stage's outputs
+        return record
     if stage == "finetune":
         system.model.lm.save_pretrained(out / "lora_weights", safe_serialization=True)
-
-    record = _measurements(cfg, stage, system, built, throughput, flops, data)
     write_json_atomic(out / "measurements.json", record)
     logger.info("stage %s done: %s", stage, {k: record["speed"][k] for k in ("samples_per_s", "step_time_median_s")})
     return record
@@ -124,7 +125,7 @@ def _count_step_flops(system: Any, data: PanoDataModule, trainer: pl.Trainer, cf
     data.setup()
     collate = data.collate
     batch = collate([data.train_set[i] for i in range(min(len(data.train_set), cfg.stages[system.stage].batch_size))])
-    device = torch.device("cuda" if _accelerator(cfg) == "cuda" else "cpu")
+    device = build_device(cfg) if _accelerator(cfg) == "cuda" else torch.device("cpu")
     system.to(device)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision.startswith("bf16"))
@@ -135,8 +136,7 @@ def _count_step_flops(system: Any, data: PanoDataModule, trainer: pl.Trainer, cf
         loss.backward()
 
     flops = count_flops(step)
-    system.zero_grad(set_to_none=True)
-    system.to("cpu")
+    system.zero_grad(set_to_none=True)   # the model stays where it is: Lightning trains it on this device
     return flops
 
 
@@ -149,7 +149,8 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
     text_per_sample = (sum(tp.text_tokens) / max(1, sum(tp.samples))) if tp.samples else None
     visual = desc["visual_tokens_per_sample"] if stage != "vision" else desc["num_views"] * desc[
         "vision_tokens_per_view"]
-    samples_per_s = batch / median if median else None
+    world = system.trainer.world_size if system.trainer else 1   # DDP: every rank steps a batch of its own
+    samples_per_s = batch * world / median if median else None
     text_rate = samples_per_s * text_per_sample if samples_per_s and stage != "vision" else 0.0
     visual_rate = samples_per_s * visual if samples_per_s else None
     peak = device_peak_flops(cfg.runtime.device_peak_tflops) if torch.cuda.is_available() else None
@@ -169,7 +170,7 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
                    "resampled_tokens_per_view": desc["resampled_tokens_per_view"],
                    "visual_tokens_per_sample": visual, "text_tokens_per_sample": text_per_sample,
                    "stitching": desc["stitching"]},
-        "speed": {**timing, "batch_size": batch, "samples_per_s": samples_per_s,
+        "speed": {**timing, "batch_size": batch, "devices": world, "samples_per_s": samples_per_s,
                   "tokens_per_s": (visual_rate or 0.0) + (text_rate or 0.0) if samples_per_s else None,
                   "visual_tokens_per_s": visual_rate, "text_tokens_per_s": text_rate},
         "memory": {**peak_gpu_memory_gib(), "peak_host_rss_gib": peak_host_rss_gib()},
