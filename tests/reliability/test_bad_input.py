@@ -113,7 +113,7 @@ def test_greyscale_rgba_16bit_palette_images_work(env, capsys):
     images = {
         "grey": Image.fromarray(rgb[..., 0], mode="L"),
         "rgba": Image.fromarray(np.concatenate([rgb, np.full((H, W, 1), 7, np.uint8)], axis=2), mode="RGBA"),
-        "sixteen": Image.fromarray((rgb[..., 1].astype(np.uint16) * 257), mode="I;16"),
+        "sixteen": Image.fromarray(rgb[..., 1].astype(np.uint16) * 257),   # mode I;16
         "palette": Image.fromarray(rgb).convert("P"),
     }
     rows = []

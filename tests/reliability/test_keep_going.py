@@ -43,6 +43,8 @@ def test_same_cell_twice_from_scratch_gives_identical_results(keep_going_run, re
     data synthesis, tiny models, stage 1, 2, 3, generation, scoring — gives identical metrics.json metric values,
     identical predictions and bit-identical checkpoints."""
     a, b = keep_going_run.workdir, reference_run.workdir
+    cfg = f"results/small/configs/{CELL_A}.yaml"
+    assert (a / cfg).read_text() == (b / cfg).read_text(), "precondition: both runs resolved the same cell config"
     assert _metrics(eval_dir(a, CELL_A) / "metrics.json") == _metrics(eval_dir(b, CELL_A) / "metrics.json")
     assert (eval_dir(a, CELL_A) / "predictions.csv").read_text() == (eval_dir(b, CELL_A) / "predictions.csv").read_text()
     for experiment, stage in ((RECIPE, "vision"), (CELL_A, "resampler"), (CELL_A, "finetune")):
