@@ -56,7 +56,6 @@ FULL_VISION_ARCH: dict[str, Any] = {
     "num_attention_heads": 16,
     "image_size": 256,
     "patch_size": 16,
-    "vision_use_head": True,  # the checkpoint ships the attention-pooling head; kept so speed runs match it
 }
 
 # Qwen/Qwen3-0.6B (Qwen3Config field names; transformers 5 keeps rope_theta inside rope_parameters).

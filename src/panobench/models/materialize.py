@@ -43,8 +43,11 @@ TINY_VISION: dict[str, Any] = {
     "num_attention_heads": 4,
     "image_size": 64,
     "patch_size": 8,
-    "vision_use_head": False,  # the pooled output is never used; no dead parameters in the tiny model
 }
+
+if "vision_use_head" in transformers.SiglipVisionConfig().to_dict():
+    # The pooled output is never used: no dead parameters in the tiny model (transformers >= 5.2x has the switch).
+    TINY_VISION["vision_use_head"] = False
 
 TINY_LLM: dict[str, Any] = {
     "hidden_size": 128,
