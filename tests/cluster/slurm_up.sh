@@ -119,8 +119,9 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/backfill
-# Keep finished jobs visible to squeue/scontrol for 5 min: squeue-based status polling relies on it.
-MinJobAge=300
+# Keep finished jobs visible to squeue/scontrol for 1 h: squeue-based status polling relies on it, and tests
+# read every job of a run (longer than 5 min) back with scontrol afterwards.
+MinJobAge=3600
 ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30

@@ -29,9 +29,8 @@ def _register_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from panobench.evaluation.predictions import score_predictions_file
-
     from panobench.errors import ConfigError
+    from panobench.evaluation.predictions import score_predictions_file
 
     if len(args.predictions) != len(args.out):
         raise ConfigError(f"--predictions names {len(args.predictions)} file(s) but --out {len(args.out)}")

@@ -36,9 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from panobench.evaluation.generate import generate_predictions
-
     from panobench.errors import ConfigError
+    from panobench.evaluation.generate import generate_predictions
 
     if len(args.stage) != len(args.out):
         raise ConfigError(f"--stage names {len(args.stage)} stage(s) but --out {len(args.out)} directories")

@@ -32,6 +32,7 @@ from panobench.measurement.throughput import (
 from panobench.training.builder import build_device, build_stage, stage_dir
 from panobench.training.callbacks import ThroughputCallback
 from panobench.training.datamodule import PanoDataModule
+from panobench.utils.checkpoint_io import AtomicCheckpointIO
 from panobench.utils.io import read_json, write_json_atomic
 from panobench.utils.repro import device_description, git_revision, package_versions, seed_everything
 
@@ -71,11 +72,11 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     seed_everything(cfg.seed)
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    out.mkdir(parents=True, exist_ok=True)
     stage_cfg = cfg.stages[stage]
 
-    built = build_stage(cfg, stage, vision_checkpoint=resume)
+    built = build_stage(cfg, stage, vision_checkpoint=resume)   # fails fast (bad checkpoint, config) before any output
     system = built.system
+    out.mkdir(parents=True, exist_ok=True)
     dump_run_config(cfg, out / "config.yaml")
     write_json_atomic(out / "checkpoint_metadata.json", {
         "config_hash": config_hash(cfg), "stage": stage, "cell_id": cfg.cell_id,
@@ -98,6 +99,7 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         max_steps=stage_cfg.max_steps, max_epochs=-1, val_check_interval=val_every, check_val_every_n_epoch=None,
         limit_val_batches=stage_cfg.limit_val_batches, accumulate_grad_batches=stage_cfg.accumulate_grad_batches,
         callbacks=[best, last, throughput, TQDMProgressBar(refresh_rate=10)],
+        plugins=[AtomicCheckpointIO()],   # best/last.ckpt replaced atomically, also on shared cluster filesystems
         logger=CSVLogger(out, name="logs", version=""), default_root_dir=out, deterministic=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False,
     )
