@@ -57,8 +57,9 @@ rule summarize:
         "echo \"job=$SLURM_JOB_ID\" > {output}"
 """
 
-# "Job 1 has been submitted with SLURM jobid 3 (log: .../rule_train_vision/3.log)."
-SUBMITTED = re.compile(r"rule_(\w+)/(\d+)\.log")
+# "Job 1 has been submitted with SLURM jobid 3 (log: .../rule_train_vision/3.log)."; a rule that profiles/slurm-ci
+# puts in a group (synth_data) logs to .../group_prepare_synth_data/<jobid>.log.
+SUBMITTED = re.compile(r"/(?:rule|group_[a-z]+)_(\w+)/(\d+)\.log")
 
 
 def _scontrol_job(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
