@@ -24,8 +24,8 @@ from slurm_testcluster import REPO_ROOT, SlurmCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workflow, pytest.mark.slow]
 
-# Observed 306 s alone and 8.4 min on a 2-core machine loaded by other test runs (15 min before profiles/slurm-ci grouped its
-# CPU rules). `timeout -k`: the slurm plugin ignores SIGTERM once it is polling.
+# Observed 306 s on a quiet 2-core machine, 8.4 min with other test runs loading it (15 min before
+# profiles/slurm-ci grouped its CPU rules). `timeout -k`: the slurm plugin ignores SIGTERM once it is polling.
 SLURM_TIMEOUT_S = 1000
 LOCAL_TIMEOUT_S = 900
 GPU_RULES = ("train_resampler", "train_finetune", "generate")
