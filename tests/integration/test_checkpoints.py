@@ -109,13 +109,11 @@ def test_hostile_or_broken_files_are_refused(trained_cell, cfg_factory, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(cfg_factory, tmp_path):
     """6 steps with a real SIGKILL after step 3 began (last.ckpt at step 2) + resume == 6 steps in one go."""
-    from conftest import make_config
-
     stage = {"max_steps": 6, "batch_size": 4, "val_every_n_steps": 2, "limit_val_batches": 1,
              "checkpoint_every_n_steps": 2, "lr": 1e-2}
-    cfg = make_config(tiny, tmp_path / "runs", stages={"resampler": stage}, runtime={"measure_flops": False})
+    cfg = cfg_factory(stages={"resampler": stage}, runtime={"measure_flops": False})
     config = tmp_path / "cfg.yaml"
     dump_run_config(cfg, config)
     killed, full = tmp_path / "killed", tmp_path / "full"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_workflow, run_snakemake
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings, StorageSettings
+from workflow_helpers import REPO, copy_workflow, run_snakemake
 
 
 def job_counts(workdir: Path, configfiles: list[Path] | None = None) -> collections.Counter:

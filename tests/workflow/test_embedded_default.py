@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, copy_workflow, run_snakemake, snakemake_env
+from workflow_helpers import REPO, copy_workflow, run_snakemake, snakemake_env
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 NAME = CONFIG["name"]
