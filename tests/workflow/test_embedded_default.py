@@ -22,7 +22,7 @@ from workflow_helpers import REPO, copy_workflow, run_snakemake, snakemake_env
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 NAME = CONFIG["name"]
 SPEED_COLUMNS = ["step_time_median_s", "step_time_p90_s", "samples_per_s", "tokens_per_s", "peak_host_rss_gib",
-                 "flops_per_step", "num_views", "visual_tokens_per_sample", "trainable_params", "total_params",
+                 "flops_per_step", "num_views", "visual_tokens_per_sample", "params_trainable", "params_total",
                  "kernel_path", "bench_s"]
 METRIC_COLUMNS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 
