@@ -79,9 +79,9 @@ SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+?)
 
 
 def _workflow_helpers():
-    """tests/workflow/conftest.py (copy_workflow, snakemake_env, run_snakemake) under a name of its own."""
+    """tests/workflow/workflow_helpers.py (copy_workflow, snakemake_env, run_snakemake) under a name of its own."""
     spec = importlib.util.spec_from_file_location(
-        "_panobench_workflow_helpers", REPO_ROOT / "tests/workflow/conftest.py"
+        "_panobench_workflow_helpers", REPO_ROOT / "tests/workflow/workflow_helpers.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
