@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _workflow_helpers() -> Any:
-    """tests/workflow/conftest.py (copy_workflow, run_snakemake), loaded under its own module name."""
+    """tests/workflow/workflow_helpers.py (copy_workflow, run_snakemake), loaded under its own module name."""
     spec = importlib.util.spec_from_file_location("panobench_workflow_helpers",
-                                                  REPO / "tests" / "workflow" / "conftest.py")
+                                                  REPO / "tests" / "workflow" / "workflow_helpers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
