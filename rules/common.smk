@@ -90,6 +90,26 @@ def tiles_args():
     )
 
 
+def all_predictions():
+    """Every cell's predictions.csv for every evaluated stage (what the one score job reads)."""
+    return [
+        f"{pm.eval_dir(config, cid, s)}/predictions.csv"
+        for cid in CELLS
+        for s in EVAL_STAGES
+    ]
+
+
+def unscored_predictions():
+    """predictions.csv files whose generation finished (generation.json written) but that have no metrics.json."""
+    return [
+        p
+        for p in all_predictions()
+        if Path(p).exists()
+        and (Path(p).parent / "generation.json").exists()
+        and not (Path(p).parent / "metrics.json").exists()
+    ]
+
+
 def all_cell_outputs():
     outs = []
     for cid in CELLS:
@@ -107,7 +127,7 @@ def get_final_output():
 
 
 def report_after_failure():
-    """onerror: build the report from whatever finished (failed cells are listed as failed).
+    """onerror: score the cells that finished generating, then build the report (failed cells listed as failed).
 
     Runs the CLI directly with argument lists (no shell string, so config values are never re-parsed).
     """
@@ -120,7 +140,12 @@ def report_after_failure():
     tiles = [t for t in tiles if Path(t.split("=", 1)[1]).exists()]
     log_path = Path(f"logs/{NAME}/report_after_failure.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    steps = [
+    unscored = unscored_predictions() if config["score"] else []
+    score = [
+        ["panobench", "score", "--predictions", *unscored, "--out"]
+        + [str(Path(p).parent / "metrics.json") for p in unscored]
+    ]
+    steps = (score if unscored else []) + [
         ["panobench", "plan", "--workflow-json", json.dumps(config), "-o", manifest],
         ["panobench", "aggregate", "--manifest", manifest, "--out", results],
         [

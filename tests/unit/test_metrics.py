@@ -314,3 +314,29 @@ def test_score_cli_malformed_csv_exits_2_naming_the_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 3" in err[0] and "references is not valid JSON" in err[0]
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_scoring_many_files_at_once_equals_scoring_each_alone(tmp_path):
+    """The score job's batch path (one tokenizer run, one METEOR process) gives each file exactly the metrics that
+    scoring it alone gives; CIDEr's document frequencies stay per file (the two files differ in size)."""
+    rows = _group_rows()
+    variants = {"a": rows, "b": [dict(r, prediction=r["prediction"].upper() + ".") for r in rows[:2]]}
+    for name, rs in variants.items():
+        write_predictions(tmp_path / name / "predictions.csv", rs)
+    alone = {name: score_predictions_file(tmp_path / name / "predictions.csv", tmp_path / name / "alone.json",
+                                          spice="off") for name in variants}
+    rc = main(["score", "--predictions", *(str(tmp_path / n / "predictions.csv") for n in variants),
+               "--out", *(str(tmp_path / n / "metrics.json") for n in variants), "--spice", "off"])
+    assert rc == 0
+    for name in variants:
+        together = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert together["metrics"] == alone[name]["metrics"], name
+    assert alone["a"]["metrics"]["CIDEr"] != alone["b"]["metrics"]["CIDEr"]
+
+
+def test_score_cli_needs_one_output_per_predictions_file(tmp_path, capsys):
+    write_predictions(tmp_path / "predictions.csv", _group_rows())
+    rc = main(["score", "--predictions", str(tmp_path / "predictions.csv"), str(tmp_path / "predictions.csv"),
+               "--out", str(tmp_path / "metrics.json")])
+    assert rc == 2 and "2 file(s) but --out 1" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()

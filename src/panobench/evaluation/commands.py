@@ -30,10 +30,10 @@ def _register_score(subparsers: argparse._SubParsersAction) -> None:
 
 def _score(args: argparse.Namespace) -> int:
     from panobench.errors import ConfigError
-    from panobench.evaluation.predictions import score_predictions_file
+    from panobench.evaluation.predictions import score_predictions_files
 
     if len(args.predictions) != len(args.out):
         raise ConfigError(f"--predictions names {len(args.predictions)} file(s) but --out {len(args.out)}")
-    for predictions, out in zip(args.predictions, args.out, strict=True):
-        score_predictions_file(predictions, out, spice=args.spice, spice_lib=args.spice_lib)
+    score_predictions_files(list(zip(args.predictions, args.out, strict=True)), spice=args.spice,
+                            spice_lib=args.spice_lib)
     return 0

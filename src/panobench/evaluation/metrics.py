@@ -250,9 +250,20 @@ def _run_spice(gts: Mapping[str, list[str]], res: Mapping[str, list[str]], coren
     return sum(per_item.values()) / len(per_item), per_item
 
 
+def ptb_tokenize_texts(texts: Sequence[str], *, package_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{text: tokenized}`` for every distinct text, in one tokenizer run (one JVM start for many files).
+
+    ``-preserveLines`` tokenizes each line on its own, so the result equals tokenizing every text separately.
+    """
+    unique = list(dict.fromkeys(texts))
+    tokenized = ptb_tokenize({str(i): [text] for i, text in enumerate(unique)}, package_dir=package_dir)
+    return {text: tokenized[str(i)][0] for i, text in enumerate(unique)}
+
+
 def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], *,
                    spice: bool | str = "auto", tokenize: bool = True, per_item: bool = False,
-                   spice_lib: str | os.PathLike | None = None) -> dict[str, Any]:
+                   spice_lib: str | os.PathLike | None = None,
+                   tokenized: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score one candidate per group against all of that group's references.
 
     Args:
@@ -263,6 +274,8 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
         tokenize: PTB-tokenize (the COCO pipeline). ``False`` only ``str.strip()``s the text, as nlg-eval does.
         per_item: also return ``"per_item": {group_id: {metric: score}}``.
         spice_lib: directory holding the CoreNLP 3.6.0 jars (overrides ``$PANOBENCH_SPICE_LIB``).
+        tokenized: ``{text: PTB-tokenized text}`` covering every reference and candidate, from
+            ``ptb_tokenize_texts`` (scoring several files with one tokenizer run); used instead of tokenizing here.
 
     Returns:
         ``{"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr": float, "SPICE": float | None,
@@ -285,7 +298,10 @@ def score_captions(references: Mapping[str, Sequence[str]], candidates: Mapping[
         logger.warning("%d of %d candidates are empty (e.g. %s); they are scored as empty strings",
                        len(empty), len(ids), empty[:3])
 
-    if tokenize:
+    if tokenize and tokenized is not None:
+        gts = {key: [tokenized[ref] for ref in references[key]] for key in ids}
+        res = {key: [tokenized[candidates[key]]] for key in ids}
+    elif tokenize:
         gts = ptb_tokenize({key: list(references[key]) for key in ids})
         res = ptb_tokenize({key: [candidates[key]] for key in ids})
     else:

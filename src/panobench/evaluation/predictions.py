@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,19 +99,39 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=list(header))
 
 
+def score_predictions_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]], *,
+                            spice: bool | str = "auto", spice_lib: str | os.PathLike | None = None
+                            ) -> list[dict[str, Any]]:
+    """Score several ``(predictions.csv, metrics.json)`` pairs; each file is scored on its own (CIDEr's document
+    frequencies come from that file alone), but the Java start-ups are shared: every caption of every file is
+    PTB-tokenized in one run, and METEOR's process (whose paraphrase table takes seconds to load) is reused.
+
+    All files are read and checked before anything is scored or written.
+    """
+    frames = [read_predictions(Path(csv)) for csv, _ in pairs]
+    texts = [text for frame in frames for refs in frame["references"] for text in refs]
+    texts += [text for frame in frames for text in frame["prediction"]]
+    tokenized = metrics.ptb_tokenize_texts(texts)
+    return [score_predictions_file(csv, out, spice=spice, spice_lib=spice_lib, frame=frame, tokenized=tokenized)
+            for (csv, out), frame in zip(pairs, frames, strict=True)]
+
+
 def score_predictions_file(predictions_csv: str | os.PathLike, out_json: str | os.PathLike, *,
                            extra: Mapping[str, Any] | None = None, spice: bool | str = "auto",
-                           spice_lib: str | os.PathLike | None = None) -> dict[str, Any]:
+                           spice_lib: str | os.PathLike | None = None, frame: pd.DataFrame | None = None,
+                           tokenized: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score ``predictions_csv`` and write ``metrics.json`` atomically; return what was written.
 
     If ``generation.json`` (decoding config, generation speed, ... from the generate step) sits beside
     ``predictions_csv`` it is copied in under ``"generation"``; ``extra`` keys are merged at the top level.
+    ``frame``/``tokenized``: the file already read and its captions already tokenized (``score_predictions_files``).
     """
     predictions_csv = Path(predictions_csv)
-    frame = read_predictions(predictions_csv)
+    if frame is None:
+        frame = read_predictions(predictions_csv)
     references = dict(zip(frame["sample_id"], frame["references"], strict=True))
     candidates = dict(zip(frame["sample_id"], frame["prediction"], strict=True))
-    scores = metrics.score_captions(references, candidates, spice=spice, spice_lib=spice_lib)
+    scores = metrics.score_captions(references, candidates, spice=spice, spice_lib=spice_lib, tokenized=tokenized)
     lengths = [len(text.split()) for text in frame["prediction"]]
     payload: dict[str, Any] = {
         "metrics": {name: scores[name] for name in metrics.METRIC_NAMES},
