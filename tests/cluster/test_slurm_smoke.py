@@ -9,16 +9,14 @@ test can tie every output to a job that slurmctld recorded.
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from slurm_testcluster import REPO_ROOT, SlurmCluster
+from slurm_testcluster import REPO_ROOT, SlurmCluster, failure_message, run_on_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.workflow, pytest.mark.slow]
 
-RUN_TIMEOUT_S = 300  # the slurm plugin ignores SIGTERM once jobs are done, hence `timeout -k`
+RUN_TIMEOUT_S = 300  # run_on_cluster kills the process group: the slurm plugin ignores SIGTERM while polling
 
 SNAKEFILE = r"""
 rule all:
@@ -71,19 +69,12 @@ def _scontrol_job(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
 def test_workflow_runs_every_job_through_sbatch(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
     profile = REPO_ROOT / "profiles" / "slurm-ci"
-    start = time.monotonic()
-    proc = subprocess.run(
-        ["timeout", "-k", "10", str(RUN_TIMEOUT_S), "snakemake", "--profile", str(profile)],
-        cwd=tmp_path,
-        env=slurm_cluster.env,
-        capture_output=True,
-        text=True,
-        check=False,
+    run = run_on_cluster(
+        slurm_cluster, ["snakemake", "--profile", str(profile)], tmp_path, slurm_cluster.env, RUN_TIMEOUT_S
     )
-    wall_s = time.monotonic() - start
-    log = proc.stdout + proc.stderr
-    print(f"snakemake --profile profiles/slurm-ci wall time: {wall_s:.1f} s")  # shown with pytest -s
-    assert proc.returncode == 0, f"snakemake exited {proc.returncode} after {wall_s:.0f}s\n{log[-6000:]}"
+    log = run.log
+    print(f"snakemake --profile profiles/slurm-ci wall time: {run.wall_s:.1f} s")  # shown with pytest -s
+    assert run.returncode == 0 and not run.problem, failure_message(slurm_cluster, run)
 
     # Every job except the target rule was submitted with sbatch, once.
     submitted = {
