@@ -6,8 +6,11 @@ side by side with the naive step of ``naive_step.py`` in the same session. Build
 ``panobench train`` does (``build_model`` + LoRA + the stage's freeze); stage 3 here starts from the fresh stage-2
 weights (no checkpoint needed: speed does not depend on the values).
 
-    python benchmarks/vlm_step.py --config config/gpu-speed.yaml --variants base,gc --resamplers mlp,bimamba \
-        --views 5,9 --batch 8 --steps 12 --profile --out vlm_step.json
+    python benchmarks/vlm_step.py --config config/gpu-speed.yaml --variants base,gc,compile,compile+gc \
+        --resamplers mlp,bimamba --views 5,9 --batch 8 --steps 12 --profile --out vlm_step.json
+
+Variants: ``base`` (eager), ``gc`` (gradient checkpointing of the LM decoder layers), ``compile``
+(``runtime.compile``: every transformer block compiled, as ``panobench train`` does), joined with ``+``.
 
 ``--profile`` adds a torch.profiler summary (top CUDA ops of one step) per variant of the first resampler/view.
 """
@@ -29,7 +32,7 @@ import yaml
 from panobench import matrix as pm
 from panobench.config import run_config_from_dict
 from panobench.measurement.throughput import count_flops, measure_bf16_matmul_peak
-from panobench.training.builder import attach_lora, build_model, enable_gradient_checkpointing
+from panobench.training.builder import attach_lora, build_model, compile_blocks, enable_gradient_checkpointing
 from panobench.training.stages import component_of
 from panobench.training.system import PanoVLMSystem
 
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/gpu-speed.yaml")
     ap.add_argument("--stage", default="finetune", choices=["resampler", "finetune"])
-    ap.add_argument("--variants", default="base,gc", help="base (no gradient checkpointing), gc (LM decoder layers)")
+    ap.add_argument("--variants", default="base,gc",
+                    help="comma-separated: base, gc (LM gradient checkpointing), compile (blocks compiled), e.g. compile+gc")
     ap.add_argument("--resamplers", default="mlp,bimamba")
     ap.add_argument("--views", default="5,9")
     ap.add_argument("--batch", default="8")
@@ -135,19 +139,24 @@ def main(argv: list[str] | None = None) -> int:
                                            "batch": batch, "stage": args.stage}
                     system = None
                     try:
-                        cfg = run_config(wf, views, resampler, batch, variant == "gc")
+                        parts = set(variant.split("+"))
+                        cfg = run_config(wf, views, resampler, batch, "gc" in parts)
                         system = build_system(cfg, args.stage)
                         b = synthetic_batch(cfg, system, batch, args.text_len, torch.device("cuda"))
-                        times, step = time_steps(system, b, args.steps, args.warmup)
-                        med = statistics.median(times)
 
                         def fwd_bwd(system: PanoVLMSystem = system, b: dict = b) -> None:
                             with torch.autocast("cuda", dtype=torch.bfloat16):
                                 loss = system.compute_loss(b)
                             loss.backward()
 
-                        flops = count_flops(fwd_bwd)
+                        flops = count_flops(fwd_bwd)   # eager, as panobench train counts them (before compiling)
                         system.zero_grad(set_to_none=True)
+                        if "compile" in parts:
+                            compile_blocks(system.model)
+                        t_first = time.perf_counter()
+                        times, step = time_steps(system, b, args.steps, args.warmup)
+                        row["warmup_s"] = time.perf_counter() - t_first - sum(times)   # includes compilation
+                        med = statistics.median(times)
                         row.update(step_ms=1e3 * med, p90_ms=1e3 * sorted(times)[int(0.9 * (len(times) - 1))],
                                    samples_per_s=batch / med, flops_per_step=flops, mfu=flops / med / peak,
                                    alloc_gib=torch.cuda.max_memory_allocated() / 2**30,

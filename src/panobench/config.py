@@ -130,7 +130,7 @@ class RuntimeConfig:
     measure_flops: bool = True               # count FLOPs of one step with torch.utils.flop_counter
     measure_warmup_steps: int = 2            # steps excluded from step-time statistics
     device_peak_tflops: float | None = None  # bf16 dense peak for MFU; None = look up by device name
-    compile: bool = False                    # torch.compile the LM (GPU speed configs)
+    compile: bool = False                    # torch.compile each LM and vision transformer block (GPU runs)
 
 
 @dataclass(frozen=True)

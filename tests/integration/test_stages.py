@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from panobench.training.builder import build_stage
+from panobench.training.builder import build_stage, compile_blocks
 from panobench.training.datamodule import PanoDataModule
 from panobench.training.stages import component_of
 from panobench.utils.io import read_json
@@ -146,3 +146,22 @@ def test_loss_decreases_on_a_fixed_batch(cfg_factory, resampler):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.25, losses            # ~6.05 -> ~5.5-5.7 here
     assert max(losses[-3:]) < min(losses[:3]), losses
+
+
+def test_compiled_blocks_keep_names_and_loss(cfg_factory):
+    """runtime.compile compiles every LM and vision block in place: parameter names (checkpoints, LoRA adapters)
+    are unchanged and the loss is the eager loss. (Dynamo's eager backend: CI machines need no C++ toolchain.)"""
+    cfg = cfg_factory(resampler={"type": "mlp"}, geometry={"overlap": 0.0})
+    built = build_stage(cfg, "resampler")
+    system = built.system.eval()
+    batch = _batch(built, cfg, "resampler")
+    names = [n for n, _ in system.named_parameters()]
+    with torch.no_grad():
+        eager = system.compute_loss(batch)
+    n = compile_blocks(system.model, backend="eager")
+    with torch.no_grad():
+        compiled = system.compute_loss(batch)
+    assert n == len(system.model.causal_lm().model.layers) + len(system.model.vision.encoder_layers())
+    assert [name for name, _ in system.named_parameters()] == names
+    assert all(block._compiled_call_impl is not None for block in system.model.vision.encoder_layers())
+    torch.testing.assert_close(compiled, eager)
