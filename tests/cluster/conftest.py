@@ -87,8 +87,14 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if "SLURM_CONF" not in exports:
         subprocess.run(down, env=up_env, check=False)
         pytest.fail(f"slurm_up.sh printed no SLURM_CONF export; stdout was:\n{proc.stdout}")
+    cluster = SlurmCluster(state_dir=state_dir, env={**os.environ, **exports})
+    node_cpus = cluster.run("sinfo", "-h", "-N", "-o", "%c").split()
+    if node_cpus != [str(len(os.sched_getaffinity(0)))]:
+        # A node with fewer CPUs than the machine leaves the profile's 2-CPU group jobs pending forever.
+        subprocess.run(down, env=up_env, check=False)
+        pytest.fail(f"test node declares CPUs {node_cpus}, this machine has {len(os.sched_getaffinity(0))}")
     try:
-        yield SlurmCluster(state_dir=state_dir, env={**os.environ, **exports})
+        yield cluster
     finally:
         result = subprocess.run(down, env=up_env, capture_output=True, text=True, check=False)
         if result.returncode != 0:

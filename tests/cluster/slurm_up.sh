@@ -73,7 +73,9 @@ touch "$LOG/munged.log" && chown munge:munge "$LOG/munged.log"
 touch "$STATE/run/munged.pid" && chown munge:munge "$STATE/run/munged.pid"
 
 NODE="$(hostname -s)"
-CPUS="$(nproc)"
+# Without the OpenMP variables: GNU nproc returns OMP_NUM_THREADS when it is set (the test suite sets it to 1 for
+# its own jobs), and a node declared with 1 CPU leaves every 2-CPU job pending forever (reason PartitionConfig).
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 MEM_MIB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 ))
 REAL_MEM=$(( MEM_MIB > 2048 ? MEM_MIB - 1024 : MEM_MIB / 2 ))   # leave ~1 GiB for the daemons and the OS
 MUNGE_SOCKET="$STATE/munge/munge.socket.2"
