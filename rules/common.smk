@@ -141,11 +141,13 @@ def report_after_failure():
     log_path = Path(f"logs/{NAME}/report_after_failure.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     unscored = unscored_predictions() if config["score"] else []
-    score = [
-        ["panobench", "score", "--predictions", *unscored, "--out"]
-        + [str(Path(p).parent / "metrics.json") for p in unscored]
-    ]
-    steps = (score if unscored else []) + [
+    metrics = [str(Path(p).parent / "metrics.json") for p in unscored]
+    steps = (
+        [["panobench", "score", "--predictions", *unscored, "--out", *metrics]]
+        if unscored
+        else []
+    )
+    steps += [
         ["panobench", "plan", "--workflow-json", json.dumps(config), "-o", manifest],
         ["panobench", "aggregate", "--manifest", manifest, "--out", results],
         [
