@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     out["python"] = platform.python_version()
+    # Which interpreter ran the job: inside a container image this is the image's Python, which is how a run
+    # shows that it really ran in the image.
+    out["python_executable"] = sys.executable
     out["cuda"] = torch.version.cuda
     return out
 
