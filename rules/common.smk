@@ -39,6 +39,14 @@ def data_inputs():
     return [run["data"]["train_csv"], run["data"]["valid_csv"], run["data"]["test_csv"]]
 
 
+def data_root():
+    return EXPERIMENTS[next(iter(EXPERIMENTS))]["data"]["root"]
+
+
+def data_fingerprint_file():
+    return pm.data_fingerprint_path(config)
+
+
 def model_inputs():
     if config.get("tiny_models"):
         out = config["tiny_models"]["out"]
@@ -73,9 +81,14 @@ def get_generate_inputs(wildcards):
         "models": model_inputs(),
         "vision": vision_input(wildcards.cell),
     }
-    inputs["trained"] = [
-        get_stage_marker(wildcards.cell, s) for s in EVAL_STAGES if s != "baseline"
-    ]
+    inputs["trained"] = sorted(
+        {
+            get_stage_marker(wildcards.cell, pm.EVAL_CHECKPOINT_STAGE[s])
+            for s in EVAL_STAGES
+            if pm.EVAL_CHECKPOINT_STAGE[s] is not None
+        }
+    )
+    inputs["fingerprint"] = data_fingerprint_file()
     return inputs
 
 

@@ -23,7 +23,7 @@ rule generate:
         out=lambda wildcards, output: [str(Path(p).parent) for p in output.predictions],
     shell:
         "OMP_NUM_THREADS={threads} panobench generate --config {input.cfg:q} --stage {params.stages}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        " --out {params.out:q} --data-fingerprint {input.fingerprint:q} > {log:q} 2>&1"
 
 
 # Nothing to score: speed configs (score: false) or no evaluated stage.

@@ -50,6 +50,26 @@ if config.get("tiny_models"):
             " --seed {params.seed} --lm-warmup-steps {params.warmup} > {log:q} 2>&1"
 
 
+rule fingerprint_data:
+    # Once per config: hashing every image of a real dataset takes a while; every job records this file.
+    input:
+        csvs=data_inputs(),
+    output:
+        data_fingerprint_file(),
+    log:
+        f"logs/{NAME}/fingerprint_data.log",
+    benchmark:
+        f"benchmarks/{NAME}/fingerprint_data.tsv"
+    params:
+        csvs=lambda wildcards, input: [
+            f"{split}={path}"
+            for split, path in zip(("train", "valid", "test"), input.csvs)
+        ],
+        root=data_root(),
+    shell:
+        "panobench fingerprint --csv {params.csvs:q} --root {params.root:q} -o {output:q} > {log:q} 2>&1"
+
+
 rule resolve_config:
     output:
         f"results/{NAME}/configs/{{exp}}.yaml",
@@ -90,7 +110,7 @@ rule plot_tiles:
     wildcard_constraints:
         overlap=r"\d\.\d\d",
     params:
-        root=lambda wildcards: EXPERIMENTS[next(iter(EXPERIMENTS))]["data"]["root"],
+        root=data_root(),
         fov=EXPERIMENTS[next(iter(EXPERIMENTS))]["geometry"]["fov"],
     shell:
         "panobench tiles --from-csv {input.csv:q} --data-root {params.root:q} --overlap {wildcards.overlap}"

@@ -8,6 +8,7 @@ rule train_vision:
     input:
         cfg=f"results/{NAME}/configs/{{recipe}}.yaml",
         data=data_inputs(),
+        fingerprint=data_fingerprint_file(),
         models=model_inputs(),
     output:
         f"{RUNS}/{{recipe}}/vision/anyres-e2p_{{resampler}}/measurements.json",
@@ -21,13 +22,15 @@ rule train_vision:
         mem_mb=RES["gpu_mem_mb"],
         runtime=RES["gpu_runtime_min"],
     shell:
-        "OMP_NUM_THREADS={threads} panobench train --config {input.cfg:q} --stage vision > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} panobench train --config {input.cfg:q} --stage vision"
+        " --data-fingerprint {input.fingerprint:q} > {log:q} 2>&1"
 
 
 rule train_resampler:
     input:
         cfg=f"results/{NAME}/configs/{{cell}}.yaml",
         data=data_inputs(),
+        fingerprint=data_fingerprint_file(),
         models=model_inputs(),
         vision=lambda wildcards: vision_input(wildcards.cell),
     output:
@@ -42,13 +45,15 @@ rule train_resampler:
         mem_mb=RES["gpu_mem_mb"],
         runtime=RES["gpu_runtime_min"],
     shell:
-        "OMP_NUM_THREADS={threads} panobench train --config {input.cfg:q} --stage resampler > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} panobench train --config {input.cfg:q} --stage resampler"
+        " --data-fingerprint {input.fingerprint:q} > {log:q} 2>&1"
 
 
 rule train_finetune:
     input:
         cfg=f"results/{NAME}/configs/{{cell}}.yaml",
         data=data_inputs(),
+        fingerprint=data_fingerprint_file(),
         models=model_inputs(),
         vision=lambda wildcards: vision_input(wildcards.cell),
         stage2=lambda wildcards: get_stage_marker(wildcards.cell, "resampler"),
@@ -64,4 +69,5 @@ rule train_finetune:
         mem_mb=RES["gpu_mem_mb"],
         runtime=RES["gpu_runtime_min"],
     shell:
-        "OMP_NUM_THREADS={threads} panobench train --config {input.cfg:q} --stage finetune > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} panobench train --config {input.cfg:q} --stage finetune"
+        " --data-fingerprint {input.fingerprint:q} > {log:q} 2>&1"

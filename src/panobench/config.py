@@ -53,13 +53,18 @@ class VisionConfig:
     arch: dict[str, Any] = field(default_factory=dict)   # SiglipVisionConfig fields when init == random
     checkpoint: str | None = None            # stage-1 (vision) checkpoint to start stages 2-3 from
     checkpoint_name: str = "pretrained"      # the matrix knob naming that checkpoint
+    reuse_resampler: bool = False            # opt-in: start the resampler from the stage-1 checkpoint too (default:
+    # only the vision tower, which every arm shares; reuse is refused unless every arm can use the weights)
     trainable_blocks: int = 2                # stage 1 trains the last N encoder blocks
 
 
 @dataclass(frozen=True)
 class ResamplerSection:
     type: str = "mlp"                        # key of panobench.models.resamplers.RESAMPLERS
-    params: dict[str, Any] = field(default_factory=dict)  # its <Name>Config fields (in_dim is filled in);
+    tokens_per_view: int | None = None       # visual tokens each view hands the LM; every resampler derives its
+    # own size from it (pool_factor of mlp/bimamba, num_queries, num_latents); None = params alone decide
+    params: dict[str, Any] = field(default_factory=dict)  # its <Name>Config fields (in_dim is filled in); a key
+    # set here wins over the one derived from tokens_per_view (an unequal budget on purpose: the report warns);
     # bimamba: allow_reference_on_cuda: true permits the pure-PyTorch scan on a GPU (~1000x slower)
 
 
@@ -251,6 +256,8 @@ def _validate(obj: Any, prefix: str) -> None:
             raise ConfigError(f"config key {prefix}.overlap: {obj.overlap} is outside [0, 1)")
         if not 0.0 < obj.fov < 180.0:
             raise ConfigError(f"config key {prefix}.fov: {obj.fov} is outside (0, 180)")
+    if isinstance(obj, ResamplerSection) and obj.tokens_per_view is not None and obj.tokens_per_view < 1:
+        raise ConfigError(f"config key {prefix}.tokens_per_view: must be >= 1, got {obj.tokens_per_view}")
     if isinstance(obj, StageConfig):
         for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every_n_steps"):
             if getattr(obj, name) < 1:
@@ -318,7 +325,7 @@ def model_signature(cfg: RunConfig) -> dict[str, Any]:
     return {
         "geometry": full["geometry"],
         "vision": {k: full["vision"][k] for k in ("name_or_path", "init", "arch")},
-        "resampler": {k: full["resampler"][k] for k in ("type", "params")},
+        "resampler": {k: full["resampler"][k] for k in ("type", "tokens_per_view", "params")},
         "pe": full["pe"],
         "stitching": full["stitching"],
         "llm": {k: full["llm"][k] for k in ("name_or_path", "init", "arch")},

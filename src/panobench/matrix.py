@@ -14,12 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from panobench.config import check_resampler_type, config_to_dict, run_config_from_dict
 from panobench.errors import ConfigError
 
 CROP = "anyres-e2p"                       # the seed's crop name, kept in the checkpoint layout
 TRAIN_STAGES = ("resampler", "finetune")  # stages trained per cell
-EVAL_STAGES = ("baseline", "resampler", "finetune")  # baseline = untrained stage-2 start weights
+# What each evaluation captions with: baseline = the untrained stage-2 start (the floor); resampler/finetune = that
+# stage's best.ckpt; blind = the finetuned model shown a constant grey panorama (does it use the image at all?).
+EVAL_STAGES = ("baseline", "resampler", "finetune", "blind")
+EVAL_CHECKPOINT_STAGE: dict[str, str | None] = {"baseline": None, "resampler": "resampler", "finetune": "finetune",
+                                                "blind": "finetune"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -31,6 +37,7 @@ class VisionCheckpoint:
     overlap: float | None = None         # kind == "train": the stage-1 recipe
     resampler: str | None = None
     seed: int | None = None
+    reuse_resampler: bool = False        # also start each arm's resampler from it (opt-in; every arm must fit)
 
     @property
     def recipe_id(self) -> str:
@@ -64,14 +71,18 @@ def vision_checkpoints(wf: dict[str, Any]) -> list[VisionCheckpoint]:
     out = []
     for i, entry in enumerate(wf["matrix"]["vision_checkpoints"]):
         name = _check_name(entry.get("name"), f"matrix.vision_checkpoints[{i}].name")
+        reuse = bool(entry.get("reuse_resampler", False))
         if "train" in entry:
             recipe = entry["train"]
             out.append(VisionCheckpoint(name, "train", overlap=float(recipe["overlap"]),
                                         resampler=_check_name(recipe["resampler"], "recipe resampler"),
-                                        seed=int(recipe.get("seed", 0))))
+                                        seed=int(recipe.get("seed", 0)), reuse_resampler=reuse))
         elif "path" in entry:
-            out.append(VisionCheckpoint(name, "path", path=str(entry["path"])))
+            out.append(VisionCheckpoint(name, "path", path=str(entry["path"]), reuse_resampler=reuse))
         else:
+            if reuse:
+                raise ConfigError(f"matrix.vision_checkpoints[{i}] ({name}): reuse_resampler needs a stage-1 "
+                                  "checkpoint (train or path); 'pretrained' has no resampler weights")
             out.append(VisionCheckpoint(name, "pretrained"))
     names = [v.name for v in out]
     if len(set(names)) != len(names):
@@ -95,7 +106,44 @@ def expand_cells(wf: dict[str, Any]) -> list[Cell]:
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError("matrix expands to duplicate cell ids (repeated overlaps/resamplers/seeds?)")
+    for vis in vision_checkpoints(wf):
+        if vis.reuse_resampler:
+            _check_resampler_reuse(wf, vis)
     return cells
+
+
+def _resampler_section(wf: dict[str, Any], resampler: str) -> dict[str, Any]:
+    """What decides a resampler's weights' shapes in a cell of ``wf``: type, token budget, explicit params."""
+    return {"type": resampler, "tokens_per_view": tokens_per_view(wf),
+            "params": wf.get("resampler_params", {}).get(resampler, {})}
+
+
+def _check_resampler_reuse(wf: dict[str, Any], vis: VisionCheckpoint) -> None:
+    """Symmetric starts: reusing stage-1 resampler weights is refused unless every arm could load them."""
+    if vis.kind == "train":
+        theirs = _resampler_section(wf, str(vis.resampler))
+        where = f"stage-1 recipe {vis.name!r} (resampler {vis.resampler})"
+    else:
+        saved = Path(str(vis.path)).parent / "config.yaml"   # written beside every checkpoint by panobench train
+        if not saved.is_file():
+            raise ConfigError(f"matrix.vision_checkpoints {vis.name!r}: reuse_resampler needs {saved} (the resolved "
+                              "config panobench train writes beside the checkpoint) to check every arm can use it")
+        section = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("resampler", {})
+        theirs = {"type": section.get("type"), "tokens_per_view": section.get("tokens_per_view"),
+                  "params": section.get("params", {})}
+        where = f"vision checkpoint {vis.path} (resampler {theirs['type']})"
+    misfits = [r for r in wf["matrix"]["resamplers"] if _resampler_section(wf, r) != theirs]
+    if misfits:
+        raise ConfigError(f"matrix.vision_checkpoints {vis.name!r}: reuse_resampler would start only some arms from "
+                          f"pre-trained resampler weights: {where} cannot initialise the {', '.join(misfits)} arm(s) "
+                          "(different type or size); remove reuse_resampler (the default shares only the vision "
+                          "tower) or restrict matrix.resamplers to arms that fit")
+
+
+def tokens_per_view(wf: dict[str, Any]) -> int | None:
+    """The visual-token budget per view every resampler derives its size from (top-level ``tokens_per_view``)."""
+    value = wf.get("tokens_per_view")
+    return None if value is None else int(value)
 
 
 def vision_recipes(wf: dict[str, Any]) -> list[VisionCheckpoint]:
@@ -156,8 +204,11 @@ def _resolve(wf: dict[str, Any], experiment: str, overlap: float, resampler: str
         "geometry": {"overlap": overlap},
         "resampler": {"type": resampler, "params": params},
     }
+    if tokens_per_view(wf) is not None:
+        knobs["resampler"]["tokens_per_view"] = tokens_per_view(wf)
     if vis is not None:
-        knobs["vision"] = {"checkpoint": vision_checkpoint_file(wf, vis), "checkpoint_name": vis.name}
+        knobs["vision"] = {"checkpoint": vision_checkpoint_file(wf, vis), "checkpoint_name": vis.name,
+                           "reuse_resampler": vis.reuse_resampler}
     data = _deep_merge(run, knobs)
     # Validate now: a bad matrix fails when the DAG is built, not hours later in a job.
     return config_to_dict(run_config_from_dict(data))
@@ -204,16 +255,32 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
                     "predictions": f"{eval_dir(wf, cid, stage)}/predictions.csv",
                     "generation": f"{eval_dir(wf, cid, stage)}/generation.json",
                     "metrics": f"{eval_dir(wf, cid, stage)}/metrics.json" if wf.get("score", True) else None,
-                    "log": f"logs/{wf['name']}/generate/{cid}.log",
+                    "log": generate_log(wf, cid),
+                    "benchmark": generate_benchmark(wf, cid),   # one generate job per cell serves every stage
                 }
                 for stage in wf.get("eval_stages", EVAL_STAGES)
             },
         })
     recipes = [{"recipe_id": v.recipe_id, "name": v.name,
-                "measurements": f"{stage_dir(wf, v.recipe_id, 'vision', str(v.resampler))}/measurements.json"}
+                "measurements": f"{stage_dir(wf, v.recipe_id, 'vision', str(v.resampler))}/measurements.json",
+                "benchmark": f"benchmarks/{wf['name']}/train_vision/{v.recipe_id}_{v.resampler}.tsv"}
                for v in vision_recipes(wf)]
     return {"name": wf["name"], "cells": cells, "vision_recipes": recipes,
-            "overlaps": [float(o) for o in wf["matrix"]["overlaps"]]}
+            "overlaps": [float(o) for o in wf["matrix"]["overlaps"]], "tokens_per_view": tokens_per_view(wf),
+            "data_fingerprint": data_fingerprint_path(wf)}
+
+
+def generate_log(wf: dict[str, Any], cell_id: str) -> str:
+    return f"logs/{wf['name']}/generate/{cell_id}.log"
+
+
+def generate_benchmark(wf: dict[str, Any], cell_id: str) -> str:
+    return f"benchmarks/{wf['name']}/generate/{cell_id}.tsv"
+
+
+def data_fingerprint_path(wf: dict[str, Any]) -> str:
+    """The fingerprint of the config's data (CSVs + images), computed once per config and recorded by every job."""
+    return f"results/{wf['name']}/data_fingerprint.json"
 
 
 def tiles_sheet_path(wf: dict[str, Any], overlap: float) -> str:

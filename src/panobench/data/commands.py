@@ -1,4 +1,4 @@
-"""Subcommands of this concern (registered by panobench.cli): ``synth``."""
+"""Subcommands of this concern (registered by panobench.cli): ``synth``, ``fingerprint``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=256, help="ERP height")
     p.set_defaults(func=_synth)
 
+    p = subparsers.add_parser("fingerprint", help="hash a dataset (its CSVs and every image they name) -> JSON")
+    p.add_argument("--csv", required=True, nargs="+", metavar="SPLIT=CSV", help="e.g. train=data/x/train.csv")
+    p.add_argument("--root", required=True, help="data root the CSVs' image paths are relative to")
+    p.add_argument("-o", "--out", required=True, help="JSON to write (atomically)")
+    p.set_defaults(func=_fingerprint)
+
 
 def _synth(args: argparse.Namespace) -> int:
     from panobench.data.synthetic import generate_synthetic  # lazy: keeps `panobench --help` fast
@@ -29,4 +35,21 @@ def _synth(args: argparse.Namespace) -> int:
                                  n_test=args.n_test, width=args.width, height=args.height)
     logger.info("wrote %s: images %s, CSV rows %s, (image, query) groups %s", summary.out_dir, summary.images,
                 summary.rows, summary.groups)
+    return 0
+
+
+def _fingerprint(args: argparse.Namespace) -> int:
+    from panobench.data.fingerprint import dataset_fingerprint
+    from panobench.errors import ConfigError
+    from panobench.utils.io import write_json_atomic
+
+    csvs = {}
+    for item in args.csv:
+        split, sep, path = item.partition("=")
+        if not sep or not split or not path:
+            raise ConfigError(f"--csv expects SPLIT=CSV (e.g. train=data/x/train.csv), got {item!r}")
+        csvs[split] = path
+    record = dataset_fingerprint(csvs, args.root)
+    write_json_atomic(args.out, record)
+    logger.info("data fingerprint %s (%d images) -> %s", record["fingerprint"], record["num_images"], args.out)
     return 0

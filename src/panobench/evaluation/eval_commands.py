@@ -19,12 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate one caption per (image, query) group -> predictions.csv")
     p.add_argument("--config", required=True, help="resolved run config YAML")
     p.add_argument("--stage", required=True, choices=EVAL_STAGES, nargs="+",
-                   help="baseline = untrained stage-2 start weights; resampler/finetune = that stage's best.ckpt "
-                        "(several stages in one call share the start-up cost)")
+                   help="baseline = untrained stage-2 start weights; resampler/finetune = that stage's best.ckpt; "
+                        "blind = the finetuned model shown a constant grey panorama (several stages in one call "
+                        "share the start-up cost)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best.ckpt, else last)")
     p.add_argument("--csv-input", default=None, help="CSV to caption (default: the config's test CSV)")
     p.add_argument("--out", required=True, nargs="+",
                    help="directory for predictions.csv and generation.json, one per --stage")
+    p.add_argument("--data-fingerprint", default=None,
+                   help="data fingerprint JSON from `panobench fingerprint` to record in generation.json")
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("eval", help="evaluate a training run directory: generate + score")
@@ -45,7 +48,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError("--checkpoint applies to a single --stage")
     cfg = load_run_config(args.config)
     for stage, out in zip(args.stage, args.out, strict=True):
-        generate_predictions(cfg, stage, out, csv_input=args.csv_input, checkpoint=args.checkpoint)
+        generate_predictions(cfg, stage, out, csv_input=args.csv_input, checkpoint=args.checkpoint,
+                             data_fingerprint=args.data_fingerprint)
     return 0
 
 

@@ -76,7 +76,8 @@ class PanoVLM(nn.Module):
         self.geometry = view_geometry(self.plan, self.vision.grid, include_global=cfg.geometry.include_global,
                                       size=self.vision.image_size)
         self.num_views = int(self.geometry.rays.shape[0])
-        self.resampler = build_resampler(cfg.resampler.type, self.vision.hidden_size, dict(cfg.resampler.params))
+        self.resampler = build_resampler(cfg.resampler.type, self.vision.hidden_size, dict(cfg.resampler.params),
+                                         tokens_per_view=cfg.resampler.tokens_per_view, input_grid=self.vision.grid)
         s = self.vision.grid**2
         n_out = self.resampler.num_output_tokens(s)
         self.layout = token_layout(self.geometry, self.resampler.output_grid(self.vision.grid),

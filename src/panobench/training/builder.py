@@ -3,8 +3,8 @@
 Initial weights per stage:
 - ``vision``: the pretrained vision tower (or random init for speed configs).
 - ``resampler``: the stage-1 checkpoint (``vision.checkpoint`` or ``--resume``) when given: its vision encoder is
-  loaded strictly; its resampler only if type and hyper-parameters match (else fresh init) — recorded as
-  ``resampler_init``.
+  loaded strictly; its resampler only with ``vision.reuse_resampler`` (and then it must fit) — recorded as
+  ``resampler_init`` ("fresh" or "loaded").
 - ``finetune``: the same vision source, plus the stage-2 ``best.ckpt`` of this cell, loaded strictly; then LoRA.
 """
 
@@ -121,7 +121,13 @@ def _load_component(system: PanoVLMSystem, ckpt: dict[str, Any], comp: str, path
 
 
 def _load_vision_checkpoint(system: PanoVLMSystem, cfg: RunConfig, path: Path) -> str:
-    """Stage-1 checkpoint -> vision encoder (strict) and, if compatible, the resampler. Returns resampler_init."""
+    """Stage-1 checkpoint -> the vision encoder (strict); the resampler only when ``vision.reuse_resampler``.
+
+    Symmetric starts (SPEC §5b): by default a stage-1 checkpoint initialises only what every arm shares, the vision
+    tower. Its resampler weights fit one resampler type, so loading them by default would pre-train one arm and
+    not the others. With ``reuse_resampler`` they must fit this arm exactly (else an error, never a silent fresh
+    init). Returns ``resampler_init``: "loaded" or "fresh".
+    """
     ckpt = load_checkpoint_file(path)
     meta = ckpt["panobench"]
     if meta.get("stage") != "vision":
@@ -130,15 +136,18 @@ def _load_vision_checkpoint(system: PanoVLMSystem, cfg: RunConfig, path: Path) -
     if theirs != ours:
         raise CheckpointError(f"{path}: vision checkpoint was trained from {theirs}, this run uses {ours}")
     _load_component(system, ckpt, "vision", path)
+    if not cfg.vision.reuse_resampler:
+        return "fresh"
     res = meta.get("resampler", {})
     ckpt_has_resampler = any(component_of(k) == "resampler" for k in ckpt["state_dict"])
-    if ckpt_has_resampler and res.get("type") == cfg.resampler.type and \
-            res.get("config") == system.model.resampler.config_dict():
-        _load_component(system, ckpt, "resampler", path)
-        return "loaded"
-    logger.info("vision checkpoint %s: resampler %s does not match %s -> fresh resampler init", path,
-                res.get("type"), cfg.resampler.type)
-    return "fresh"
+    if not ckpt_has_resampler or res.get("type") != cfg.resampler.type or \
+            res.get("config") != system.model.resampler.config_dict():
+        raise CheckpointError(
+            f"{path}: vision.reuse_resampler is set but the checkpoint's resampler ({res.get('type')}, "
+            f"{'weights' if ckpt_has_resampler else 'no weights'}) does not fit this arm's {cfg.resampler.type} "
+            f"{system.model.resampler.config_dict()}; unset reuse_resampler to start every arm's resampler fresh")
+    _load_component(system, ckpt, "resampler", path)
+    return "loaded"
 
 
 def compile_blocks(model: PanoVLM, backend: str = "inductor") -> int:
@@ -219,4 +228,4 @@ def load_stage_checkpoint(system: PanoVLMSystem, path: str | os.PathLike) -> dic
         raise CheckpointError(f"{path}: keys differ from the model (missing {sorted(expected - got)[:3]}, "
                               f"unexpected {sorted(got - expected)[:3]})")
     system.load_state_dict(ckpt["state_dict"], strict=False)
-    return ckpt["panobench"]
+    return {**ckpt["panobench"], "global_step": ckpt.get("global_step")}

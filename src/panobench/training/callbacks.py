@@ -1,12 +1,18 @@
-"""Lightning callbacks: per-step timing and memory for the stage's measurements.json."""
+"""Lightning callbacks: per-step timing for the stage's measurements.json, and the first-step gradient-flow check."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
+from panobench.errors import TrainingError
 from panobench.measurement.throughput import StepClock, reset_peak_gpu_memory
+from panobench.training.stages import component_of
+
+logger = logging.getLogger(__name__)
 
 
 class ThroughputCallback(pl.Callback):
@@ -29,3 +35,52 @@ class ThroughputCallback(pl.Callback):
         self.clock.stop()
         self.samples.append(int(batch["erp"].shape[0]))
         self.text_tokens.append(int(batch["attention_mask"].sum()))
+
+
+class GradientFlowCheck(pl.Callback):
+    """At the first optimizer step: every trainable component received a non-zero gradient, no frozen one any.
+
+    ``requires_grad`` says what *may* train; this checks what the graph actually reaches (a detached branch, a
+    ``torch.no_grad`` in the wrong place, or an adapter outside the forward pass would otherwise train nothing in
+    silence). Checked per component (``training.stages.COMPONENTS``), not per tensor: LoRA's A matrices get an
+    exactly zero gradient at the first step because B starts at zero, and that is correct. Any violation stops the
+    job, naming the components and example parameters. ``report`` ends up in measurements.json.
+    """
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.report is not None:
+            return
+        norms: dict[str, float] = {}
+        unreached: dict[str, list[str]] = {}
+        frozen_with_grad: list[str] = []
+        for name, param in pl_module.named_parameters():
+            comp = component_of(name)
+            if not param.requires_grad:
+                if param.grad is not None:
+                    frozen_with_grad.append(name)
+                continue
+            norm = 0.0 if param.grad is None else float(param.grad.detach().float().norm())
+            norms[comp] = (norms.get(comp, 0.0) ** 2 + norm**2) ** 0.5
+            if param.grad is None:
+                unreached.setdefault(comp, []).append(name)
+        dead = sorted(c for c, n in norms.items() if not (n > 0.0 and torch.isfinite(torch.tensor(n))))
+        stage = getattr(pl_module, "stage", "?")
+        problems = []
+        if dead:
+            problems.append("trainable component(s) with no non-zero finite gradient: " + ", ".join(
+                f"{c} (e.g. {unreached.get(c, ['all gradients zero'])[:2]})" for c in dead))
+        if frozen_with_grad:
+            problems.append(f"frozen parameter(s) with a gradient: {frozen_with_grad[:5]}")
+        if problems:
+            raise TrainingError(f"stage {stage!r}, step {trainer.global_step}: gradient-flow check failed: "
+                                + "; ".join(problems))
+        for comp, names in sorted(unreached.items()):
+            logger.warning("stage %s: %d trainable %s parameter(s) got no gradient at the first step (e.g. %s)",
+                           stage, len(names), comp, names[:3])
+        self.report = {"step": int(trainer.global_step), "grad_norm_by_component": dict(sorted(norms.items())),
+                       "trainable_without_grad": sum(len(v) for v in unreached.values())}
+        logger.info("stage %s: gradient flow ok at step %d: %s", stage, trainer.global_step,
+                    {c: f"{n:.3g}" for c, n in self.report["grad_norm_by_component"].items()})

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None,
                    help="stage 2: start from this stage-1 (vision) checkpoint (overrides vision.checkpoint)")
     p.add_argument("--run-dir", default=None, help="override the run directory (default: the seed's layout)")
+    p.add_argument("--data-fingerprint", default=None,
+                   help="data fingerprint JSON from `panobench fingerprint` to record (default: computed here)")
     p.set_defaults(func=_train)
 
 
@@ -59,5 +61,5 @@ def _train(args: argparse.Namespace) -> int:
     from panobench.training.runner import train_stage
 
     cfg = load_run_config(args.config)
-    train_stage(cfg, args.stage, resume=args.resume, run_dir=args.run_dir)
+    train_stage(cfg, args.stage, resume=args.resume, run_dir=args.run_dir, data_fingerprint=args.data_fingerprint)
     return 0

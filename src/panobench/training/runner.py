@@ -30,7 +30,7 @@ from panobench.measurement.throughput import (
     summarize_step_times,
 )
 from panobench.training.builder import build_device, build_stage, compile_blocks, stage_dir
-from panobench.training.callbacks import ThroughputCallback
+from panobench.training.callbacks import GradientFlowCheck, ThroughputCallback
 from panobench.training.datamodule import PanoDataModule
 from panobench.utils.checkpoint_io import AtomicCheckpointIO
 from panobench.utils.io import read_json, write_json_atomic
@@ -60,8 +60,23 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig) -> bool:
     return marker.exists()
 
 
-def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
-    """Train ``stage`` of the cell described by ``cfg``; returns the measurements record."""
+def data_record(cfg: RunConfig, fingerprint_file: str | os.PathLike | None) -> dict[str, Any]:
+    """The data fingerprint a job records: from the workflow's ``fingerprint_data`` output, else computed here."""
+    if fingerprint_file is not None:
+        return read_json(fingerprint_file)
+    from panobench.data.fingerprint import dataset_fingerprint
+
+    return dataset_fingerprint({"train": cfg.data.train_csv, "valid": cfg.data.valid_csv, "test": cfg.data.test_csv},
+                               cfg.data.root)
+
+
+def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_dir: str | None = None,
+                data_fingerprint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train ``stage`` of the cell described by ``cfg``; returns the measurements record.
+
+    ``data_fingerprint``: the JSON written by ``panobench fingerprint`` for this config's data (computed here when
+    not given); it is recorded in measurements.json so two runs can be told to have used the same data.
+    """
     out = Path(run_dir) if run_dir else stage_dir(cfg, stage)
     if _check_run_dir(out, cfg):
         logger.info("%s: stage %s already completed with config %s; nothing to do", out, stage, config_hash(cfg))
@@ -74,6 +89,7 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         torch.use_deterministic_algorithms(True, warn_only=True)
     stage_cfg = cfg.stages[stage]
 
+    data = data_record(cfg, data_fingerprint)
     built = build_stage(cfg, stage, vision_checkpoint=resume)   # fails fast (bad checkpoint, config) before any output
     system = built.system
     out.mkdir(parents=True, exist_ok=True)
@@ -86,8 +102,9 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         "model": system.model.describe(), "vicreg_pairs": system.num_vicreg_pairs,
     })
 
-    data = PanoDataModule(cfg, stage, built.prompts, system.model.pad_id)
+    datamodule = PanoDataModule(cfg, stage, built.prompts, system.model.pad_id)
     throughput = ThroughputCallback()
+    grad_check = GradientFlowCheck()
     val_every = min(stage_cfg.val_every_n_steps, stage_cfg.max_steps)
     best = ModelCheckpoint(dirpath=out, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
@@ -98,7 +115,7 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         accelerator=_accelerator(cfg), devices=cfg.runtime.devices, precision=cfg.runtime.precision,
         max_steps=stage_cfg.max_steps, max_epochs=-1, val_check_interval=val_every, check_val_every_n_epoch=None,
         limit_val_batches=stage_cfg.limit_val_batches, accumulate_grad_batches=stage_cfg.accumulate_grad_batches,
-        callbacks=[best, last, throughput, TQDMProgressBar(refresh_rate=10)],
+        callbacks=[best, last, throughput, grad_check, TQDMProgressBar(refresh_rate=10)],
         plugins=[AtomicCheckpointIO()],   # best/last.ckpt replaced atomically, also on shared cluster filesystems
         logger=CSVLogger(out, name="logs", version=""), default_root_dir=out, deterministic=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False,
@@ -108,13 +125,16 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     if resume_from:
         logger.info("resuming stage %s from %s", stage, resume_from)
 
-    flops = _count_step_flops(system, data, trainer, cfg) if cfg.runtime.measure_flops else None
+    flops = _count_step_flops(system, datamodule, trainer, cfg) if cfg.runtime.measure_flops else None
     if cfg.runtime.compile:   # after the FLOP count: the counter sees the eager ops, the steps run compiled
         logger.info("runtime.compile: compiled %d transformer blocks", compile_blocks(system.model))
-    trainer.fit(system, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     if not (out / "best.ckpt").exists():
         raise CheckpointError(f"{out}: training finished without a best.ckpt (no validation ran?)")
-    record = _measurements(cfg, stage, system, built, throughput, flops, data)
+    record = _measurements(cfg, stage, system, built, throughput, flops, datamodule)
+    record["loss"].update(_best_validation(best, out / "best.ckpt", system))
+    record["gradient_check"] = grad_check.report
+    record["data"] = data
     if not trainer.is_global_zero:   # DDP: rank 0 writes the stage's outputs
         return record
     if stage == "finetune":
@@ -122,6 +142,21 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     write_json_atomic(out / "measurements.json", record)
     logger.info("stage %s done: %s", stage, {k: record["speed"][k] for k in ("samples_per_s", "step_time_median_s")})
     return record
+
+
+def _best_validation(best: ModelCheckpoint, best_file: Path, system: Any) -> dict[str, Any]:
+    """The validation loss of the checkpoint that is scored (best.ckpt), the step it was saved at, and the last one.
+
+    ``best_model_score`` is what ModelCheckpoint selected best.ckpt by (restored on resume); the step is read from
+    best.ckpt itself, so the record names exactly the weights that evaluation loads.
+    """
+    from panobench.training.builder import load_checkpoint_file
+
+    score = best.best_model_score
+    last = system.trainer.callback_metrics.get("val/loss") if system.trainer else None
+    return {"best_val": float(score) if score is not None else None,
+            "best_val_step": load_checkpoint_file(best_file).get("global_step"),
+            "last_val": float(last) if last is not None else None}
 
 
 def _count_step_flops(system: Any, data: PanoDataModule, trainer: pl.Trainer, cfg: RunConfig) -> int | None:
@@ -160,7 +195,6 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
     peak = device_peak_flops(cfg.runtime.device_peak_tflops) if torch.cuda.is_available() else None
     mfu = flops / median / peak if (flops and median and peak) else None
     losses = system.step_losses
-    val = system.trainer.callback_metrics.get("val/loss") if system.trainer else None
     counts = built.param_counts
     return {
         "cell_id": cfg.cell_id,
@@ -185,8 +219,7 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
         "resampler_init": built.resampler_init,
         "vicreg_pairs": system.num_vicreg_pairs,
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                 "mean_last_10": statistics.fmean(losses[-10:]) if losses else None,
-                 "best_val": float(val) if val is not None else None},
+                 "mean_last_10": statistics.fmean(losses[-10:]) if losses else None},
         "steps": int(system.global_step),
         "env": {**device_description(), "versions": package_versions(), "git_revision": git_revision(),
                 "hostname": socket.gethostname(), "platform": platform.platform(), "pid": os.getpid()},

@@ -10,10 +10,13 @@ The registry names its classes by module and attribute and imports them on first
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from panobench.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from panobench.models.resamplers.base import Resampler
@@ -48,7 +51,8 @@ class _Registry(Mapping[str, tuple[type, type]]):
 RESAMPLERS = _Registry()
 
 
-def build_resampler(name: str, in_dim: int, params: dict[str, Any] | None = None) -> Resampler:
+def build_resampler(name: str, in_dim: int, params: dict[str, Any] | None = None, *,
+                    tokens_per_view: int | None = None, input_grid: int | None = None) -> Resampler:
     """Build resampler ``name`` for vision width ``in_dim`` from plain hyper-parameters.
 
     Args:
@@ -56,16 +60,33 @@ def build_resampler(name: str, in_dim: int, params: dict[str, Any] | None = None
         in_dim: vision token width D_vis.
         params: hyper-parameters of ``<Name>Config`` (may include ``in_dim`` if it agrees, so that
             ``build_resampler(name, d["in_dim"], d)`` rebuilds from ``resampler.config_dict()``).
+        tokens_per_view: the visual-token budget per view; the resampler's own ``<Name>Config.params_for_budget``
+            turns it into its parameters (pool factor, queries, latents). A key also given in ``params`` wins
+            (a deliberately unequal budget, logged here and flagged in the report).
+        input_grid: side of the vision tower's patch grid (needed with ``tokens_per_view``).
 
     Raises:
-        ConfigError: unknown name, unknown parameter, wrong type or out-of-range value.
+        ConfigError: unknown name, unknown parameter, wrong type, out-of-range value, or a budget this resampler
+            cannot meet.
     """
     if name not in RESAMPLERS:
         raise ConfigError(f"unknown resampler {name!r}; expected one of {sorted(RESAMPLERS)}")
     from panobench.models.resamplers.base import config_from_params
 
     config_cls, module_cls = RESAMPLERS[name]
-    return module_cls(config_from_params(config_cls, in_dim, params, name=name))
+    merged = dict(params or {})
+    if tokens_per_view is not None:
+        if input_grid is None:
+            raise ValueError("build_resampler: tokens_per_view needs input_grid")
+        derived = config_cls.params_for_budget(tokens_per_view, input_grid)
+        overridden = {k: (merged[k], v) for k, v in derived.items() if k in merged and merged[k] != v}
+        if overridden:
+            logger.warning("resampler %s: explicit params %s override the tokens_per_view=%d budget (derived %s): "
+                           "this arm feeds the LM a different number of tokens per view", name,
+                           {k: a for k, (a, _) in overridden.items()}, tokens_per_view,
+                           {k: b for k, (_, b) in overridden.items()})
+        merged = {**derived, **merged}
+    return module_cls(config_from_params(config_cls, in_dim, merged, name=name))
 
 
 _LAZY = {cls: (mod, cls) for mod, cfg, res in _ENTRIES.values() for cls in (cfg, res)}

@@ -155,6 +155,20 @@ def pool_grid_tokens(tokens: torch.Tensor, pool_factor: int) -> torch.Tensor:
     return pooled.reshape(n, d, out_g * out_g).transpose(1, 2)
 
 
+def pool_factor_for_budget(name: str, tokens_per_view: int, input_grid: int) -> int:
+    """The k×k pool factor that turns a g×g grid into ``tokens_per_view`` tokens (grid-based resamplers).
+
+    Raises:
+        ConfigError: ``tokens_per_view`` is not (g/k)² for any k dividing g; the message lists the budgets that are.
+    """
+    side = math.isqrt(tokens_per_view)
+    if side * side == tokens_per_view and side > 0 and input_grid % side == 0:
+        return input_grid // side
+    possible = sorted((input_grid // k) ** 2 for k in range(1, input_grid + 1) if input_grid % k == 0)
+    raise ConfigError(f"resampler {name!r}: tokens_per_view={tokens_per_view} cannot be pooled from the "
+                      f"{input_grid}×{input_grid} patch grid; choose one of {possible}")
+
+
 def check_input(vision_tokens: torch.Tensor, in_dim: int, name: str) -> None:
     """Fail with expected vs actual shape (HF style) instead of an opaque matmul error."""
     if vision_tokens.dim() != 3 or vision_tokens.shape[-1] != in_dim:

@@ -25,6 +25,7 @@ from panobench.models.resamplers.base import (
     check_input,
     config_to_dict,
     grid_side,
+    pool_factor_for_budget,
     pool_grid_tokens,
     pooled_grid_side,
     require_positive,
@@ -62,6 +63,11 @@ class BiMambaConfig:
         require_positive("bimamba", in_dim=self.in_dim, out_dim=self.out_dim, depth=self.depth,
                          d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
                          pool_factor=self.pool_factor, scan_chunk_size=self.scan_chunk_size)
+
+    @classmethod
+    def params_for_budget(cls, tokens_per_view: int, input_grid: int) -> dict[str, Any]:
+        """The parameters that make this resampler hand the LM ``tokens_per_view`` tokens per view."""
+        return {"pool_factor": pool_factor_for_budget("bimamba", tokens_per_view, input_grid)}
 
 
 class _MambaKernels(NamedTuple):

@@ -13,6 +13,7 @@ from panobench.models.resamplers.base import (
     check_input,
     config_to_dict,
     grid_side,
+    pool_factor_for_budget,
     pool_grid_tokens,
     pooled_grid_side,
     require_positive,
@@ -36,6 +37,11 @@ class MLPConfig:
             object.__setattr__(self, "hidden_dim", self.out_dim)
         require_positive("mlp", in_dim=self.in_dim, out_dim=self.out_dim, hidden_dim=self.hidden_dim,
                          pool_factor=self.pool_factor)
+
+    @classmethod
+    def params_for_budget(cls, tokens_per_view: int, input_grid: int) -> dict[str, Any]:
+        """The parameters that make this resampler hand the LM ``tokens_per_view`` tokens per view."""
+        return {"pool_factor": pool_factor_for_budget("mlp", tokens_per_view, input_grid)}
 
 
 class MLPResampler(nn.Module):

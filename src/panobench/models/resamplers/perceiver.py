@@ -35,6 +35,11 @@ class PerceiverConfig:
                 f"resampler 'perceiver': in_dim={self.in_dim} is not divisible by num_heads={self.num_heads}"
             )
 
+    @classmethod
+    def params_for_budget(cls, tokens_per_view: int, input_grid: int) -> dict[str, Any]:
+        """The parameters that make this resampler hand the LM ``tokens_per_view`` tokens per view."""
+        return {"num_latents": tokens_per_view}
+
 
 class PerceiverAttention(nn.Module):
     """Latents ``(n, q, d)`` attend to ``concat(vision tokens, latents)`` ``(n, s + q, d)``.

@@ -33,6 +33,11 @@ class QFormerConfig:
         if self.in_dim % self.num_heads:
             raise ConfigError(f"resampler 'qformer': in_dim={self.in_dim} is not divisible by num_heads={self.num_heads}")
 
+    @classmethod
+    def params_for_budget(cls, tokens_per_view: int, input_grid: int) -> dict[str, Any]:
+        """The parameters that make this resampler hand the LM ``tokens_per_view`` tokens per view."""
+        return {"num_queries": tokens_per_view}
+
 
 class QFormerAttention(nn.Module):
     """Multi-head attention with explicit projections: queries ``(n, q, d)`` attend to ``(n, m, d)``."""
