@@ -45,9 +45,15 @@ if config.get("tiny_models"):
             out=lambda wildcards, output: str(Path(output.vision).parent.parent),
             seed=config["tiny_models"]["seed"],
             warmup=config["tiny_models"]["lm_warmup_steps"],
+            # The warm-up trains on the stages' exact prompts, so it needs the run config's instruction (a
+            # function: a plain string param would be wildcard-formatted and trip over "{query}").
+            instruction=lambda wildcards: EXPERIMENTS[next(iter(EXPERIMENTS))][
+                "prompt_instruction"
+            ],
         shell:
             "OMP_NUM_THREADS={threads} panobench materialize --data-dir {params.data_dir:q} --out {params.out:q}"
-            " --seed {params.seed} --lm-warmup-steps {params.warmup} > {log:q} 2>&1"
+            " --seed {params.seed} --lm-warmup-steps {params.warmup} --prompt-instruction {params.instruction:q}"
+            " > {log:q} 2>&1"
 
 
 rule fingerprint_data:

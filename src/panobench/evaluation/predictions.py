@@ -99,6 +99,17 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=list(header))
 
 
+def _first_word(text: str) -> str:
+    words = text.strip().lower().split()
+    return words[0].strip(".,;:!?\"'") if words else ""
+
+
+def first_word_matches(prediction: str, references: Sequence[str]) -> bool:
+    """Whether the prediction's first word (lower-cased, punctuation stripped) is the first word of some reference."""
+    first = _first_word(prediction)
+    return bool(first) and any(first == _first_word(ref) for ref in references)
+
+
 def score_predictions_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]], *,
                             spice: bool | str = "auto", spice_lib: str | os.PathLike | None = None
                             ) -> list[dict[str, Any]]:
@@ -133,6 +144,8 @@ def score_predictions_file(predictions_csv: str | os.PathLike, out_json: str | o
     candidates = dict(zip(frame["sample_id"], frame["prediction"], strict=True))
     scores = metrics.score_captions(references, candidates, spice=spice, spice_lib=spice_lib, tokenized=tokenized)
     lengths = [len(text.split()) for text in frame["prediction"]]
+    first_words = [first_word_matches(pred, refs) for pred, refs in zip(frame["prediction"], frame["references"],
+                                                                         strict=True)]
     payload: dict[str, Any] = {
         "metrics": {name: scores[name] for name in metrics.METRIC_NAMES},
         "SPICE_reason": scores["SPICE_reason"],
@@ -140,6 +153,9 @@ def score_predictions_file(predictions_csv: str | os.PathLike, out_json: str | o
         "num_references": scores["num_references"],
         "empty_predictions": scores["empty_candidates"],
         "mean_prediction_length_words": sum(lengths) / len(lengths),
+        # Share of predictions whose first word starts at least one reference: a caption that loses its first word
+        # ("are three objects …") is visible here at once, while n-gram metrics only drift.
+        "first_word_match_rate": sum(first_words) / len(first_words),
         "tokenizer": metrics.TOKENIZER_NAME,
         "pycocoevalcap_version": metrics.pycocoevalcap_version(),
         "predictions": str(predictions_csv),

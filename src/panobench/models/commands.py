@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
     p.add_argument("--seed", type=int, default=0, help="weight-init seed (default: 0)")
     p.add_argument("--lm-warmup-steps", type=int, default=0,
-                   help="text-only LM warm-up steps on train.csv annotations (a stand-in for pre-training)")
+                   help="text-only LM warm-up steps on train.csv (query, caption) pairs in the stages' chat format "
+                        "(a stand-in for pre-training)")
+    p.add_argument("--prompt-instruction", default=None,
+                   help="the run config's prompt_instruction (default: panobench's); the warm-up uses the same prompt")
     p.set_defaults(func=_materialize)
 
 
@@ -27,6 +30,9 @@ def _materialize(args: argparse.Namespace) -> int:
     from panobench.models.materialize import materialize_tiny_models
 
     corpus = [args.data_dir / "train.csv", args.data_dir / "valid.csv"]
+    from panobench.data.prompts import DEFAULT_INSTRUCTION
+
     materialize_tiny_models(args.out, corpus, seed=args.seed, lm_warmup_steps=args.lm_warmup_steps,
-                            lm_warmup_csv=args.data_dir / "train.csv")
+                            lm_warmup_csv=args.data_dir / "train.csv",
+                            instruction=args.prompt_instruction or DEFAULT_INSTRUCTION)
     return 0

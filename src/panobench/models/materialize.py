@@ -20,6 +20,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from panobench.data.prompts import DEFAULT_INSTRUCTION, IGNORE_INDEX, PromptBuilder
 from panobench.errors import ConfigError, InputError
 from panobench.models.backbones import (
     END_OF_TEXT,
@@ -144,6 +145,7 @@ def materialize_tiny_models(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     lm_warmup_steps: int = 0,
     lm_warmup_csv: str | os.PathLike | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
 ) -> dict[str, Any]:
     """Write ``out_dir/vision/``, ``out_dir/llm/`` and ``out_dir/materialize.json`` atomically.
 
@@ -154,10 +156,12 @@ def materialize_tiny_models(
         vision_arch: ``SiglipVisionConfig`` fields of the vision tower.
         llm_arch: ``Qwen3Config`` fields of the LM, without vocab_size (it is the tokenizer's size).
         vocab_size: upper bound for the BPE vocabulary.
-        lm_warmup_steps: text-only language-model warm-up on the ``annotation`` column of ``lm_warmup_csv``
-            (the training split). A real Qwen3 arrives pre-trained; stage 2 keeps the LM frozen, so a frozen
-            *random* LM would leave nothing to align the vision tokens to. 0 = purely random weights.
-        lm_warmup_csv: the CSV whose annotations the warm-up reads (never the test split).
+        lm_warmup_steps: text-only language-model warm-up on the (query, annotation) rows of ``lm_warmup_csv``
+            (the training split), in the stages' chat format. A real Qwen3 arrives pre-trained; stage 2 keeps the
+            LM frozen, so a frozen *random* LM would leave nothing to align the vision tokens to. 0 = random.
+        lm_warmup_csv: the CSV the warm-up reads (never the test split).
+        instruction: the prompt instruction template (``prompt_instruction`` of the run config), so the warm-up
+            sees byte-identical prompts to training and evaluation.
 
     Returns:
         The manifest written to ``materialize.json`` (paths, seed, resolved archs, corpus checksums, versions).
@@ -184,7 +188,7 @@ def materialize_tiny_models(
         vision = load_vision_backbone("tiny-siglip", init="random", arch=dict(vision_arch))
         torch.manual_seed(seed)
         llm = load_language_model("tiny-qwen3", init="random", arch=resolved_llm)
-    warmup = _warm_up_language_model(llm, tokenizer, lm_warmup_csv, lm_warmup_steps, seed, ids[IM_END]) \
+    warmup = _warm_up_language_model(llm, tokenizer, lm_warmup_csv, lm_warmup_steps, seed, instruction) \
         if lm_warmup_steps > 0 else None
     gen = llm.generation_config
     gen.bos_token_id = ids[END_OF_TEXT]
@@ -221,15 +225,23 @@ def materialize_tiny_models(
 
 
 def _warm_up_language_model(llm: torch.nn.Module, tokenizer: Any, csv_path: str | os.PathLike | None, steps: int,
-                            seed: int, end_id: int, batch_size: int = 16, lr: float = 3e-3) -> dict[str, Any]:
-    """Next-token training on caption texts (each followed by <|im_end|>); deterministic given the seed."""
+                            seed: int, instruction: str, batch_size: int = 16, lr: float = 3e-3) -> dict[str, Any]:
+    """Answer-only training on (query, caption) pairs in the very chat format the stages use; deterministic.
+
+    Each example is :meth:`PromptBuilder.training_example`: the user turn (vision markers with the single
+    ``<|image_pad|>`` token, the instruction) and the assistant's caption ending in ``<|im_end|>``, loss on the caption
+    only. A warm-up on bare caption texts left no position whose target was a caption's first token, so the LM
+    began every answer mid-sentence ("are three objects …") and 40 LoRA steps did not undo that prior.
+    """
     if csv_path is None:
         raise ConfigError("lm_warmup_steps > 0 needs lm_warmup_csv (the training split)")
     with open(csv_path, encoding="utf-8", newline="") as f:
-        texts = [row["annotation"] for row in csv.DictReader(f) if row.get("annotation")]
-    if not texts:
-        raise InputError(f"{csv_path}: no annotations to warm the language model up on")
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [end_id] for t in texts]
+        pairs = [(row["query"], row["annotation"]) for row in csv.DictReader(f)
+                 if row.get("annotation") and row.get("query")]
+    if not pairs:
+        raise InputError(f"{csv_path}: no (query, annotation) rows to warm the language model up on")
+    prompts = PromptBuilder(tokenizer, instruction_template=instruction)
+    examples = [prompts.training_example(query, annotation) for query, annotation in pairs]
     pad = tokenizer.pad_token_id
     losses = []
     with torch.random.fork_rng(devices=[]):
@@ -237,21 +249,26 @@ def _warm_up_language_model(llm: torch.nn.Module, tokenizer: Any, csv_path: str 
         optimizer = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
         llm.train()
         for _ in range(steps):
-            idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
-            length = max(len(encoded[i]) for i in idx)
+            idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+            length = max(len(examples[i][0]) for i in idx)
             ids = torch.full((batch_size, length), pad, dtype=torch.long)
-            labels = torch.full((batch_size, length), -100, dtype=torch.long)
+            labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((batch_size, length), dtype=torch.long)
             for row, i in enumerate(idx):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                labels[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            loss = llm(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+                input_ids, targets = examples[i]
+                ids[row, : len(input_ids)] = torch.tensor(input_ids)
+                labels[row, : len(targets)] = torch.tensor(targets)
+                mask[row, : len(input_ids)] = 1
+            loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss))
         llm.eval()
-    logger.info("LM warm-up: %d steps on %d captions, loss %.3f -> %.3f", steps, len(texts), losses[0], losses[-1])
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "csv": str(csv_path), "texts": len(texts),
+    logger.info("LM warm-up: %d steps on %d (query, caption) pairs in the chat format, loss %.3f -> %.3f", steps,
+                len(pairs), losses[0], losses[-1])
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "csv": str(csv_path), "examples": len(pairs),
+            "format": "chat (answer-only loss)", "instruction": instruction,
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
