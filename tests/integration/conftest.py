@@ -103,6 +103,16 @@ def cfg_factory(tiny: TinySetup, tmp_path: Path):
     return factory
 
 
+@pytest.fixture(scope="session")
+def config_maker(tiny: TinySetup):
+    """``config_maker(runs_dir, **overrides) -> RunConfig`` for fixtures wider than one test (module/session)."""
+
+    def maker(runs_dir: Path, **overrides: Any) -> RunConfig:
+        return make_config(tiny, runs_dir, **overrides)
+
+    return maker
+
+
 @dataclass(frozen=True)
 class TrainedCell:
     """One cell (overlap 0.5, mlp) trained through all three stages with ``train_stage``; treat as read-only."""

@@ -50,24 +50,38 @@ def test_checkpoint_of_the_same_config_loads_exactly(trained_cell, cfg_factory):
     assert {component_of(k) for k in saved} == {"resampler", "projector", "pe"}
 
 
-def test_vision_checkpoint_reuse_records_resampler_init(trained_cell, cfg_factory):
+def test_vision_checkpoint_initialises_only_the_vision_tower_by_default(trained_cell, cfg_factory):
+    """Symmetric starts: a stage-1 checkpoint starts every arm's vision tower, and no arm's resampler, even the arm
+    whose type and size match the recipe's resampler."""
     vision_ckpt = trained_cell.vision_dir / "best.ckpt"
     saved = _weights(vision_ckpt)
-    same = build_stage(cfg_factory(), "resampler", vision_checkpoint=str(vision_ckpt))
+    assert any(component_of(k) == "resampler" for k in saved)          # the recipe did train an mlp resampler
+    for resampler in (None, {"type": "qformer"}, {"type": "mlp", "params": {"pool_factor": 1}}):
+        built = build_stage(cfg_factory(**({"resampler": resampler} if resampler else {})), "resampler",
+                            vision_checkpoint=str(vision_ckpt))
+        assert built.resampler_init == "fresh"
+        state = built.system.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in saved.items() if component_of(k) == "vision")
+        if resampler is None:   # same type and size: still not loaded
+            assert all(not torch.equal(state[k], v) for k, v in saved.items() if component_of(k) == "resampler")
+    assert trained_cell.records["resampler"]["resampler_init"] == "fresh"
+    assert read_json(trained_cell.resampler_dir / "checkpoint_metadata.json")["resampler_init"] == "fresh"
+
+
+def test_reuse_resampler_is_an_explicit_opt_in_that_must_fit(trained_cell, cfg_factory):
+    vision_ckpt = trained_cell.vision_dir / "best.ckpt"
+    saved = _weights(vision_ckpt)
+    same = build_stage(cfg_factory(vision={"reuse_resampler": True}), "resampler", vision_checkpoint=str(vision_ckpt))
     assert same.resampler_init == "loaded"
     state = same.system.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items() if component_of(k) in ("vision", "resampler"))
     for resampler in ({"type": "qformer"}, {"type": "mlp", "params": {"pool_factor": 1}}):
-        other = build_stage(cfg_factory(resampler=resampler), "resampler", vision_checkpoint=str(vision_ckpt))
-        assert other.resampler_init == "fresh"
-        state = other.system.state_dict()
-        assert all(torch.equal(state[k], v) for k, v in saved.items() if component_of(k) == "vision")
-    # ... and the training records say so.
-    assert trained_cell.records["resampler"]["resampler_init"] == "loaded"
-    assert read_json(trained_cell.resampler_dir / "checkpoint_metadata.json")["resampler_init"] == "loaded"
-    cfg = cfg_factory(resampler={"type": "qformer"}, vision={"checkpoint": str(vision_ckpt)},
+        with pytest.raises(CheckpointError, match="reuse_resampler"):
+            build_stage(cfg_factory(resampler=resampler, vision={"reuse_resampler": True}), "resampler",
+                        vision_checkpoint=str(vision_ckpt))
+    cfg = cfg_factory(vision={"checkpoint": str(vision_ckpt), "reuse_resampler": True},
                       stages={"resampler": {"max_steps": 1, "val_every_n_steps": 1}}, runtime={"measure_flops": False})
-    assert train_stage(cfg, "resampler")["resampler_init"] == "fresh"
+    assert train_stage(cfg, "resampler")["resampler_init"] == "loaded"
 
 
 class _Payload:
@@ -218,8 +232,14 @@ def test_measurements_record_has_every_field(trained_cell):
     vision_params = rec["params"]["by_component"]["vision"][1]
     assert rec["cost"]["flops_per_step"] > 2 * vision_params * 4 * 9 * 64
     assert rec["cost"]["device_peak_flops"] is None and rec["cost"]["mfu"] is None
-    assert rec["kernel_path"] == "torch" and rec["resampler_init"] == "loaded"
-    assert all(math.isfinite(rec["loss"][k]) for k in ("first", "last", "best_val"))
+    assert rec["kernel_path"] == "torch" and rec["resampler_init"] == "fresh"
+    assert all(math.isfinite(rec["loss"][k]) for k in ("first", "last", "best_val", "last_val"))
+    assert rec["loss"]["best_val"] <= rec["loss"]["last_val"]
+    assert rec["gradient_check"]["step"] == 0
+    assert set(rec["gradient_check"]["grad_norm_by_component"]) == {"resampler", "projector", "pe"}
+    assert all(n > 0 for n in rec["gradient_check"]["grad_norm_by_component"].values())
+    assert re.fullmatch(r"[0-9a-f]{64}", rec["data"]["fingerprint"]) and rec["data"]["num_images"] > 0
+    assert rec["env"]["versions"]["python_executable"] == sys.executable
     env = rec["env"]
     assert env["device_type"] == "cpu" and env["device"] and env["hostname"]
     assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
@@ -231,6 +251,40 @@ def test_measurements_record_has_every_field(trained_cell):
     assert trained_cell.records["vision"]["vicreg_pairs"] > 0
     assert trained_cell.records["vision"]["tokens"]["visual_tokens_per_sample"] == 9 * 64
     assert (trained_cell.finetune_dir / "lora_weights" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["resampler", "finetune"])
+def test_best_val_is_the_minimum_validation_loss_and_names_the_scored_checkpoint(trained_cell, stage):
+    """loss.best_val is the best (not the last) validation loss, and best.ckpt is the checkpoint saved at its step."""
+    run_dir = {"resampler": trained_cell.resampler_dir, "finetune": trained_cell.finetune_dir}[stage]
+    rec = trained_cell.records[stage]
+    logged = [line.split(",") for line in (run_dir / "logs" / "metrics.csv").read_text().splitlines()]
+    header, rows = logged[0], logged[1:]
+    col, step_col = header.index("val/loss"), header.index("step")
+    vals = [(float(r[col]), int(r[step_col])) for r in rows if r[col]]
+    assert len(vals) >= 2                                 # 4 steps, validation every 2
+    best_loss, best_step = min(vals)
+    assert rec["loss"]["best_val"] == pytest.approx(best_loss)
+    assert rec["loss"]["last_val"] == pytest.approx(vals[-1][0])
+    # Lightning logs validation at the step count it ran after; best.ckpt stores the step it was saved at.
+    assert rec["loss"]["best_val_step"] == load_checkpoint_file(run_dir / "best.ckpt")["global_step"]
+    assert rec["loss"]["best_val_step"] in {s for _, s in vals} | {s + 1 for _, s in vals}
+
+
+def test_a_trainable_component_without_gradient_stops_the_first_step(cfg_factory, monkeypatch):
+    """The gradient-flow check: a projector cut out of the graph (detached output) is named and stops the job."""
+    from panobench.models.vlm import PanoVLM
+
+    original = PanoVLM.encode_images
+
+    def detached(self, erp):
+        return original(self, erp).detach()
+
+    monkeypatch.setattr(PanoVLM, "encode_images", detached)
+    cfg = cfg_factory(stages={"resampler": {"max_steps": 1, "val_every_n_steps": 1}}, runtime={"measure_flops": False})
+    with pytest.raises(TrainingError, match=r"gradient-flow check failed.*\bpe\b.*projector.*resampler"):
+        train_stage(cfg, "resampler")
+    assert not (Path(cfg.runs_dir) / cfg.name / cfg.cell_id / "resampler" / "anyres-e2p_mlp" / "measurements.json").exists()
 
 
 def test_bimamba_records_its_kernel_path(cfg_factory):
