@@ -69,7 +69,7 @@ def assert_close_to_oracle(actual, expected, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} × {scale:.3g}"
 
 
-@pytest.mark.parametrize("chunk_size", [7, 16, 32, 75, 128])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 32, 75, 128])
 @pytest.mark.parametrize("large_dt", [False, True])
 def test_chunked_scan_matches_sequential_scan_values_and_gradients(chunk_size, large_dt):
     """float32 chunked scan vs the float64 step-by-step oracle, including a last chunk shorter than the rest."""

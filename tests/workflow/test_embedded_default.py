@@ -78,21 +78,56 @@ def test_training_beats_the_untrained_baseline(results: pd.DataFrame) -> None:
     print(f"mean CIDEr: baseline {final['baseline_CIDEr'].mean():.3f} -> finetune {final['CIDEr'].mean():.3f} "
           f"({ratio:.1f}x)")
     assert (final["CIDEr"] > final["baseline_CIDEr"]).mean() >= 0.75
-    assert ratio >= 1.5
+    assert ratio >= 3.0
 
 
-def test_vision_recipe_trained_once_and_reused(default_run: Path) -> None:
+def test_vision_recipe_trained_once_and_reused_symmetrically(default_run: Path) -> None:
+    """One stage-1 run serves every cell that names it, and initialises only the vision tower: the recipe trained an
+    mlp resampler, yet the mlp arm starts its resampler fresh like every other arm (symmetric starts)."""
     recipes = [v for v in CONFIG["matrix"]["vision_checkpoints"] if "train" in v]
     logs = list((default_run / "logs" / NAME / "train_vision").glob("*.log"))
     assert len(logs) == len(recipes) == 1
     metas = [json.loads(p.read_text()) for p in default_run.glob(f"runs/{NAME}/*vis-{recipes[0]['name']}*/resampler/"
                                                                   "*/checkpoint_metadata.json")]
-    assert len(metas) == 8
+    m = CONFIG["matrix"]
+    assert len(metas) == len(m["overlaps"]) * len(m["resamplers"]) * len(m["seeds"])
     sources = {m["init_sources"]["vision_checkpoint"] for m in metas}
     assert len(sources) == 1
-    inits = {m["cell_id"].split("_")[2]: m["resampler_init"] for m in metas}
-    assert inits["mlp"] == "loaded"            # the recipe trained an mlp resampler
-    assert inits["qformer"] == "fresh" and inits["perceiver"] == "fresh"
+    assert {m["resampler_init"] for m in metas} == {"fresh"}
+
+
+def test_every_arm_feeds_the_lm_the_same_tokens_per_view(results: pd.DataFrame) -> None:
+    per_view = results["visual_tokens_per_sample"] / results["num_views"]
+    assert set(per_view) == {CONFIG["tokens_per_view"]}
+    assert results.groupby("overlap")["visual_tokens_per_sample"].nunique().eq(1).all()
+
+
+def test_captions_keep_their_first_word(default_run: Path) -> None:
+    """>= 90 % of finetune predictions start with the first word of one of their references (the embedded default's
+    first-word bug made this 0 %)."""
+    from panobench.evaluation.predictions import first_word_matches, read_predictions
+
+    rates = {}
+    for path in sorted(default_run.glob(f"runs/{NAME}/*/eval/finetune/predictions.csv")):
+        frame = read_predictions(path)
+        rates[path.parts[-4]] = sum(first_word_matches(p, r) for p, r in zip(frame["prediction"], frame["references"],
+                                                                              strict=True)) / len(frame)
+    overall = sum(rates.values()) / len(rates)
+    print(f"\nfirst-word match rate, finetune: mean {overall:.3f}, min {min(rates.values()):.3f} over {len(rates)} cells")
+    assert overall >= 0.9, rates
+
+
+def test_trained_model_uses_the_image(default_run: Path, results: pd.DataFrame) -> None:
+    """The finetuned model beats its blind self (grey panorama, same prompt and decoding) on CIDEr in most cells."""
+    rows = []
+    for cell in results["cell_id"].unique():
+        trained = json.loads((default_run / "runs" / NAME / cell / "eval" / "finetune" / "metrics.json").read_text())
+        blind = json.loads((default_run / "runs" / NAME / cell / "eval" / "blind" / "metrics.json").read_text())
+        rows.append((cell, trained["metrics"]["CIDEr"], blind["metrics"]["CIDEr"]))
+    table = pd.DataFrame(rows, columns=["cell_id", "CIDEr", "blind_CIDEr"])
+    print("\n" + table.to_string(index=False))
+    print(f"mean CIDEr: blind {table['blind_CIDEr'].mean():.3f} -> trained {table['CIDEr'].mean():.3f}")
+    assert (table["CIDEr"] > table["blind_CIDEr"]).mean() > 0.5
 
 
 def test_report_is_self_contained_and_embeds_every_figure(default_run: Path) -> None:
