@@ -37,7 +37,7 @@ class Route:
     fail_status: int = 500
     stall_s: float = 0.0             # accept, then say nothing for this long and hang up
     truncate_to: int | None = None   # announce the full Content-Length, send this many bytes, hang up
-    redirect_to: str | None = None   # 302 to this path
+    redirect_to: str | None = None   # 302 to this path (or to this URL, if it has a scheme)
     trickle_s: float = 0.0           # pause this long half-way through the body
 
 
@@ -135,7 +135,8 @@ class LoopbackServer:
                     self.wfile.write(body)
                     return
                 if route.redirect_to is not None:
-                    self._send(302, b"", "text/plain", extra={"Location": server.url(route.redirect_to)})
+                    target = route.redirect_to if "://" in route.redirect_to else server.url(route.redirect_to)
+                    self._send(302, b"", "text/plain", extra={"Location": target})
                     return
                 self._send(route.status, route.body, route.content_type)
                 if route.truncate_to is not None:

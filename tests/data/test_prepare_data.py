@@ -6,6 +6,7 @@ import csv
 import fcntl
 import json
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,16 @@ def cli_args(sources: dict[str, str], out: Path, *extra: str) -> list[str]:
             "--retries", str(RETRIES), "--backoff", "0.01", "--no-progress", *extra]
 
 
-def fault_cases() -> dict[str, tuple[str, Route | None, str, int]]:
-    """case -> (path, route (None: not served), expected outcome, expected requests)."""
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fault_cases() -> dict[str, tuple[str, Route | None, str, int | None]]:
+    """case -> (path on the server or a URL elsewhere, route (None: not served), expected outcome, expected requests
+    (None: not on the server))."""
     truncated = image_bytes(64, 32, seed=4)
     html = b"<!doctype html><html><body><h1>This photo is no longer available</h1></body></html>"
     return {
@@ -48,6 +57,8 @@ def fault_cases() -> dict[str, tuple[str, Route | None, str, int]]:
                            "truncated", 1 + RETRIES),
         "HTML page named .jpg": ("/faults/page.jpg", Route(body=html, content_type="text/html"), "not_an_image", 1),
         "redirect": ("/faults/moved.png", Route(redirect_to="/elsewhere/moved.png"), "stored", 1),
+        "redirect to ftp:": ("/faults/ftp.png", Route(redirect_to="ftp://127.0.0.1/moved.png"), "bad_redirect", 1),
+        "connection refused": (f"http://127.0.0.1:{closed_port()}/refused.png", None, "connection_error", None),
         "not 2:1": ("/faults/square.png", Route(body=image_bytes(64, 48, seed=5)), "not_2to1", 1),
         "below the minimum size": ("/faults/tiny.png", Route(body=image_bytes(32, 16, seed=6)), "too_small", 1),
         "JPEG": ("/faults/photo.jpg", Route(body=image_bytes(64, 32, fmt="JPEG", seed=7), content_type="image/jpeg"),
@@ -60,7 +71,7 @@ class Published:
     sources: dict[str, str]
     rows: dict[str, list[tuple[str, str, str]]]   # published (url, query, annotation) per split, file order
     served: dict[str, bytes]                       # what a correct download of each URL holds
-    cases: dict[str, tuple[str, Route | None, str, int]]
+    cases: dict[str, tuple[str, Route | None, str, int | None]]
 
 
 @pytest.fixture
@@ -75,7 +86,7 @@ def faulty(server: LoopbackServer, synthetic, tmp_path: Path) -> Published:
     for case, (path, route, outcome, _) in cases.items():
         if route is not None:
             server.routes[path] = route
-        rows["train"].append((server.url(path), "faults", f"the {case} case"))
+        rows["train"].append((case_url(server, path), "faults", f"the {case} case"))
         if outcome == "stored":
             served[server.url(path)] = route.body if route.redirect_to is None else \
                 server.routes[route.redirect_to].body
@@ -83,6 +94,10 @@ def faulty(server: LoopbackServer, synthetic, tmp_path: Path) -> Published:
     rows["test"].append((rows["train"][0][0], "shared", "a train image used again in test"))
     rows["test"].append((server.url("/faults/gone.png"), "gone", "the 404 image in a second split"))
     return Published(write_published(tmp_path / "published", rows), rows, served, cases)
+
+
+def case_url(server: LoopbackServer, path: str) -> str:
+    return path if "://" in path else server.url(path)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -102,8 +117,9 @@ def test_fault_table_outcomes_outputs_and_request_counts(server: LoopbackServer,
     reason = {d["source_url"]: d["reason"] for d in dropped if d["reason"] != "duplicate_row"}
 
     for case, (path, _, outcome, requests) in faulty.cases.items():
-        url = server.url(path)
-        assert (("stored" if url in images else reason.get(url)), server.counts[path]) == (outcome, requests), case
+        url = case_url(server, path)
+        sent = server.counts[path] if requests is not None else None
+        assert (("stored" if url in images else reason.get(url)), sent) == (outcome, requests), case
     assert server.counts["/elsewhere/moved.png"] == 1
     # Every synthetic image is fetched once however many rows (and splits) name it.
     assert {p: n for p, n in server.counts.items() if p.startswith("/img/")} == \
@@ -118,13 +134,13 @@ def test_fault_table_outcomes_outputs_and_request_counts(server: LoopbackServer,
     assert images[server.url("/faults/photo.jpg")]["path"].endswith(".jpg")
     assert images[server.url("/faults/moved.png")]["format"] == "PNG"
     assert set(images) == set(faulty.served)
-    assert (result.downloaded, result.reused, result.failed) == (len(faulty.served), 0, 7)
+    assert (result.downloaded, result.reused, result.failed) == (len(faulty.served), 0, 9)
 
     # dropped.csv: the failing rows (both splits of the 404 image) and the exact duplicate, in split/line order.
     train_lines = {row: i + 2 for i, row in reversed(list(enumerate(faulty.rows["train"])))}  # first occurrence
     duplicate_line = len(faulty.rows["train"]) + 1
     assert [(d["split"], int(d["line"]), d["reason"]) for d in dropped] == [
-        *[("train", train_lines[(server.url(p), "faults", f"the {c} case")], o)
+        *[("train", train_lines[(case_url(server, p), "faults", f"the {c} case")], o)
           for c, (p, _, o, _) in faulty.cases.items() if o != "stored"],
         ("train", duplicate_line, "duplicate_row"),
         ("test", len(faulty.rows["test"]) + 1, "http_404"),
@@ -142,7 +158,8 @@ def test_fault_table_outcomes_outputs_and_request_counts(server: LoopbackServer,
         frame = read_quic_csv(out / f"{split}.csv", out)  # the strict reader training uses
         assert len(frame) == len(expected) == manifest["splits"][split]["rows"]
         assert manifest["splits"][split]["sha256"] == file_sha256(out / f"{split}.csv")
-    assert manifest["splits"]["train"]["dropped_rows"] == {"duplicate_row": 1, "http_404": 1, "http_500": 1,
+    assert manifest["splits"]["train"]["dropped_rows"] == {"bad_redirect": 1, "connection_error": 1,
+                                                           "duplicate_row": 1, "http_404": 1, "http_500": 1,
                                                            "not_2to1": 1, "not_an_image": 1, "timeout": 1,
                                                            "too_small": 1, "truncated": 1}
     assert manifest["sources"]["train"]["rows"] == len(faulty.rows["train"])
@@ -158,7 +175,7 @@ def test_second_run_fetches_only_what_failed_and_writes_the_same_bytes(server: L
     out = tmp_path / "prepared"
     prepare_data(faulty.sources, out, on_missing="drop", image_policy=SMALL, fetch_policy=FAST, progress=False)
     first = folder_bytes(out)
-    failed_paths = {p: n for _, (p, _, o, n) in faulty.cases.items() if o != "stored"}
+    failed_paths = {p: n for _, (p, _, o, n) in faulty.cases.items() if o != "stored" and n is not None}
     server.reset_counts()
     again = prepare_data(faulty.sources, out, on_missing="drop", image_policy=SMALL, fetch_policy=FAST,
                          progress=False)
@@ -173,10 +190,10 @@ def test_on_missing_fail_exits_2_naming_the_rows_and_keeps_the_images(server: Lo
     out = tmp_path / "prepared"
     assert cli.main(cli_args(faulty.sources, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "8 row(s) (7 image URL(s)) could not be obtained or failed verification (on_missing: fail)" in err
+    assert "10 row(s) (9 image URL(s)) could not be obtained or failed verification (on_missing: fail)" in err
     gone_line = 2 + faulty.rows["train"].index((server.url("/faults/gone.png"), "faults", "the 404 case"))
     assert f"{faulty.sources['train']} line {gone_line}: {server.url('/faults/gone.png')}: http_404" in err
-    assert "and 3 more" in err
+    assert "and 5 more" in err
     assert not [name for name in OUTPUTS if (out / name).exists()]
     kept = sorted(p for p in (out / "images").glob("*/*"))
     assert len(kept) == len(faulty.served) and not [p for p in kept if p.name.startswith(".")]
@@ -184,7 +201,7 @@ def test_on_missing_fail_exits_2_naming_the_rows_and_keeps_the_images(server: Lo
     server.reset_counts()
     assert cli.main(cli_args(faulty.sources, out, "--on-missing", "drop")) == 0
     assert not [p for p, n in server.counts.items() if p.startswith("/img/")]
-    assert len(read_csv(out / "dropped.csv")) == 9
+    assert len(read_csv(out / "dropped.csv")) == 11
 
 
 def test_clean_dataset_second_run_sends_no_request(server: LoopbackServer, synthetic, tmp_path: Path) -> None:
