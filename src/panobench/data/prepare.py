@@ -200,8 +200,7 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
                          newurl: str) -> urllib.request.Request | None:
         scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme.lower()
         if scheme not in ("http", "https"):
-            raise _FetchFailure("bad_redirect", f"HTTP {code} redirect to a {scheme or 'relative'} URL",
-                                transient=False)
+            raise _FetchFailure("bad_redirect", f"HTTP {code} redirect to a non-HTTP URL ({scheme}:)", transient=False)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
