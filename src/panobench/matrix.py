@@ -246,7 +246,8 @@ def prepared_data_outputs(data: dict[str, Any]) -> dict[str, Any]:
     was prepared.
 
     Returns:
-        ``{"out": root, "csvs": [train, valid, test CSV paths as run.data writes them], "manifest": ..., "dropped": ...}``.
+        ``{"out": root, "csvs": [the train, valid, test CSV paths as run.data writes them], "manifest": path,
+        "dropped": path}``.
 
     Raises:
         ConfigError: a ``run.data.<split>_csv`` that is not ``<root>/<split>.csv``.

@@ -285,7 +285,8 @@ def _with_retries(url: str, policy: FetchPolicy, attempt_once: Callable[[], Any]
                 plural = "s" if attempt > 1 else ""
                 raise _FetchFailure(err.reason, f"{err.detail} ({attempt} attempt{plural})",
                                     transient=err.transient) from None
-            wait = policy.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)  # jitter: workers do not retry in step
+            # Jitter, so that workers that failed together do not retry in step.
+            wait = policy.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             wait = max(wait, err.retry_after or 0.0)
             logger.debug("%s: %s; retry %d/%d in %.2f s", url, err, attempt, policy.retries, wait)
             time.sleep(wait)
