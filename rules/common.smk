@@ -34,7 +34,7 @@ wildcard_constraints:
 
 
 def data_inputs():
-    """The dataset files every training/eval job reads (generated ones are produced by synth_data)."""
+    """The dataset files every training/eval job reads (produced by synth_data or prepare_data when configured)."""
     run = EXPERIMENTS[next(iter(EXPERIMENTS))]
     return [run["data"]["train_csv"], run["data"]["valid_csv"], run["data"]["test_csv"]]
 
@@ -45,6 +45,24 @@ def data_root():
 
 def data_fingerprint_file():
     return pm.data_fingerprint_path(config)
+
+
+# With a `source:` block, prepare_data writes the CSVs named in run.data (checked here: they must be <root>/<split>.csv).
+PREPARED = (
+    pm.prepared_data_outputs(EXPERIMENTS[next(iter(EXPERIMENTS))]["data"])
+    if config.get("source")
+    else None
+)
+
+
+def published_csv_inputs():
+    """The published CSVs of the `source:` block that are local files (URLs are fetched by the job)."""
+    return pm.published_csv_inputs(config["source"])
+
+
+def prepare_data_options():
+    """prepare-data flags for the optional `source:` keys that are set (the CLI holds the defaults)."""
+    return pm.prepare_data_options(config["source"])
 
 
 def model_inputs():

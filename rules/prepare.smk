@@ -28,6 +28,30 @@ if config.get("synthetic"):
             " --height {params.height} > {log:q} 2>&1"
 
 
+if config.get("source"):
+
+    rule prepare_data:
+        input:
+            published=published_csv_inputs(),
+        output:
+            csvs=PREPARED["csvs"],
+            manifest=PREPARED["manifest"],
+            dropped=PREPARED["dropped"],
+        log:
+            f"logs/{NAME}/prepare_data.log",
+        benchmark:
+            f"benchmarks/{NAME}/prepare_data.tsv"
+        # Runs where Snakemake runs: cluster compute nodes often have no internet access.
+        localrule: True
+        params:
+            published=[config["source"][split] for split in ("train", "valid", "test")],
+            out=lambda wildcards, output: str(Path(output.manifest).parent),
+            options=prepare_data_options(),
+        shell:
+            "panobench prepare-data --csv {params.published:q} --out {params.out:q} {params.options:q}"
+            " > {log:q} 2>&1"
+
+
 if config.get("tiny_models"):
 
     rule materialize_models:

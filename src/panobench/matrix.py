@@ -291,6 +291,62 @@ def report_dir(wf: dict[str, Any]) -> str:
     return f"reports/{wf['name']}"
 
 
+# ------------------------------------------------------------------------------------------ data preparation
+
+PREPARED_SPLITS = ("train", "valid", "test")
+# `source:` key -> `panobench prepare-data` flag; keys left out of the config take the CLI's defaults.
+PREPARE_DATA_FLAGS = {
+    "on_missing": "--on-missing",
+    "min_width": "--min-width",
+    "min_height": "--min-height",
+    "workers": "--workers",
+    "timeout_s": "--timeout",
+    "retries": "--retries",
+}
+
+
+def prepared_data_outputs(data: dict[str, Any]) -> dict[str, Any]:
+    """What the ``prepare_data`` rule writes for a config with a ``source:`` block, given the resolved ``run.data``.
+
+    ``panobench prepare-data --out <run.data.root>`` writes ``<root>/{train,valid,test}.csv``, ``manifest.json`` and
+    ``dropped.csv``; the run's CSVs must be exactly those files, or training would read something other than what
+    was prepared.
+
+    Returns:
+        ``{"out": root, "csvs": [the train, valid, test CSV paths as run.data writes them], "manifest": path,
+        "dropped": path}``.
+
+    Raises:
+        ConfigError: a ``run.data.<split>_csv`` that is not ``<root>/<split>.csv``.
+    """
+    root = data["root"]
+    csvs = []
+    for split in PREPARED_SPLITS:
+        key = f"{split}_csv"
+        if Path(data[key]) != Path(root) / f"{split}.csv":
+            raise ConfigError(
+                f"run.data.{key} is {data[key]!r}, but with a source: block the data is prepared into run.data.root "
+                f"({root!r}) and prepare-data writes {Path(root, f'{split}.csv').as_posix()!r}; set run.data.{key} "
+                "to that path"
+            )
+        csvs.append(data[key])
+    return {"out": root, "csvs": csvs, "manifest": f"{root}/manifest.json", "dropped": f"{root}/dropped.csv"}
+
+
+def prepare_data_options(source: dict[str, Any]) -> list[str]:
+    """The ``prepare-data`` flags for the optional ``source:`` keys that the config sets (an argv list)."""
+    options: list[str] = []
+    for key, flag in PREPARE_DATA_FLAGS.items():
+        if key in source:
+            options += [flag, str(source[key])]
+    return options
+
+
+def published_csv_inputs(source: dict[str, Any]) -> list[str]:
+    """The published CSVs that are local files (URLs cannot be Snakemake inputs; they are fetched by the job)."""
+    return [source[s] for s in PREPARED_SPLITS if not re.match(r"^https?://", source[s], re.IGNORECASE)]
+
+
 def resolve_path(path: str, base: str | Path) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(base) / p

@@ -153,5 +153,56 @@ def test_full_scale_config_validates(workflow_dir: Path) -> None:
     assert len(cells) == 2 * 4 * 2 * 3 and len(exps) == len(cells) + 1
     assert all(e["vision"]["name_or_path"] == "google/siglip2-so400m-patch16-256" for e in exps.values())
     proc = run_snakemake(workflow_dir, "-n", "--cores", "1", "--configfile", "config/quic360.yaml", check=False)
-    # The dataset is absent on CI machines: the dry run stops only at the missing QuIC-360 CSVs.
-    assert "data/quic360/train.csv" in proc.stdout + proc.stderr
+    # The published CSVs are absent on CI machines: the dry run stops only there, at the rule that prepares the data.
+    assert proc.returncode != 0
+    assert "Missing input files for rule prepare_data" in proc.stdout + proc.stderr
+    assert "data/quic360-published/train.csv" in proc.stdout + proc.stderr
+
+
+def dry_run_jobs(workdir: Path, configfile: Path) -> dict[str, list]:
+    """Rule name -> its jobs in a forced dry run (through the Snakemake Python API)."""
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                          config_settings=ConfigSettings(configfiles=[configfile]),
+                          storage_settings=StorageSettings(), snakefile=workdir / "Snakefile", workdir=workdir)
+        dag_api = wf.dag(DAGSettings(forceall=True))
+        dag_api.execute_workflow(executor="dryrun")
+        jobs: dict[str, list] = collections.defaultdict(list)
+        for job in dag_api.workflow_api._workflow.dag.jobs:
+            jobs[job.rule.name].append(job)
+        return jobs
+
+
+@pytest.mark.parametrize("published", ["local", "url"])
+def test_source_block_prepares_the_run_data_before_any_job(workflow_dir: Path, published: str) -> None:
+    """config/quic360.yaml's source: block -> one prepare_data job that writes run.data's CSVs (and the manifest),
+    reading the published CSVs when they are local files; every training/eval job then depends on it."""
+    cfg = yaml.safe_load((REPO / "config" / "quic360.yaml").read_text())
+    if published == "local":
+        for split in ("train", "valid", "test"):
+            path = workflow_dir / cfg["source"][split]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("url,query,annotation\n")
+    else:
+        cfg["source"].update({s: f"https://example.org/quic360/{s}.csv" for s in ("train", "valid", "test")})
+    jobs = dry_run_jobs(workflow_dir, write_config(workflow_dir, "quic360-source", cfg))
+    (prepare,) = jobs["prepare_data"]
+    data = cfg["run"]["data"]
+    assert list(prepare.output) == [data["train_csv"], data["valid_csv"], data["test_csv"],
+                                    f"{data['root']}/manifest.json", f"{data['root']}/dropped.csv"]
+    assert list(prepare.input) == ([cfg["source"][s] for s in ("train", "valid", "test")] if published == "local"
+                                   else [])
+    assert list(prepare.params.published) == [cfg["source"][s] for s in ("train", "valid", "test")]
+    assert list(prepare.params.options) == ["--on-missing", "fail", "--min-width", "1024", "--min-height", "512",
+                                            "--workers", "16"]
+    assert len(jobs["generate"]) == 48 and len(jobs["train_resampler"]) == 48
+
+
+def test_source_block_needs_run_data_under_its_root(workflow_dir: Path) -> None:
+    """run.data CSVs that are not <root>/<split>.csv would not be what prepare_data wrote: the DAG build fails."""
+    cfg = yaml.safe_load((REPO / "config" / "quic360.yaml").read_text())
+    cfg["run"]["data"]["train_csv"] = "data/elsewhere/train.csv"
+    path = write_config(workflow_dir, "quic360-mismatch", cfg)
+    proc = run_snakemake(workflow_dir, "-n", "--cores", "1", "--configfile", str(path), check=False)
+    assert proc.returncode != 0
+    assert "run.data.train_csv is 'data/elsewhere/train.csv'" in proc.stdout + proc.stderr

@@ -44,6 +44,11 @@ def _decode(csv_path: Path) -> str:
         raise InputError(f"CSV not found: {csv_path}") from err
     except OSError as err:
         raise InputError(f"cannot read CSV {csv_path}: {err}") from err
+    return decode_csv_bytes(raw, csv_path)
+
+
+def decode_csv_bytes(raw: bytes, csv_path: str | os.PathLike) -> str:
+    """Decode a CSV's bytes as UTF-8 (optional BOM); ``csv_path`` (a path or URL) only names it in errors."""
     try:
         # utf-8-sig: tolerate the BOM that spreadsheet programs write.
         return raw.decode("utf-8-sig")
@@ -54,8 +59,12 @@ def _decode(csv_path: Path) -> str:
         ) from err
 
 
-def _parse_rows(csv_path: Path, text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Split into header and ``(line, fields)`` rows; blank lines are skipped."""
+def parse_csv_rows(csv_path: str | os.PathLike, text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Split CSV text into its header and ``(line, fields)`` rows; blank lines are skipped.
+
+    Checks the structure only (fields per row, duplicate or missing required columns, no data rows);
+    ``csv_path`` names the file in errors.
+    """
     if not text.strip():
         raise InputError(f"{csv_path} is empty; expected a header {','.join(REQUIRED_COLUMNS)} and data rows")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -140,7 +149,7 @@ def read_quic_csv(csv_path: str | os.PathLike, data_root: str | os.PathLike | No
     root = Path(data_root if data_root is not None else csv_path.parent).resolve()
     if not root.is_dir():
         raise InputError(f"data root {root} (for {csv_path}) is not a directory")
-    header, rows = _parse_rows(csv_path, _decode(csv_path))
+    header, rows = parse_csv_rows(csv_path, _decode(csv_path))
     index = {c: header.index(c) for c in REQUIRED_COLUMNS}
     seen: dict[tuple[str, str, str], int] = {}
     missing_files: list[tuple[int, str, Path]] = []
