@@ -95,7 +95,7 @@ rule fingerprint_data:
             f"{split}={path}"
             for split, path in zip(("train", "valid", "test"), input.csvs)
         ],
-        root=data_root(),
+        root=lambda wildcards: data_root(),
     shell:
         "panobench fingerprint --csv {params.csvs:q} --root {params.root:q} -o {output:q} > {log:q} 2>&1"
 
@@ -140,7 +140,7 @@ rule plot_tiles:
     wildcard_constraints:
         overlap=r"\d\.\d\d",
     params:
-        root=data_root(),
+        root=lambda wildcards: data_root(),
         fov=EXPERIMENTS[next(iter(EXPERIMENTS))]["geometry"]["fov"],
     shell:
         "panobench tiles --from-csv {input.csv:q} --data-root {params.root:q} --overlap {wildcards.overlap}"
