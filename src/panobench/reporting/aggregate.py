@@ -452,7 +452,8 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str], w
         raise InputError(f"{what} {path} is unreadable: {err}") from err
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise InputError(f"{what} {path} lacks columns {missing} (written by another panobench version?)")
+        raise InputError(f"{what} {path} lacks columns {missing} (written by an older panobench? re-run `panobench "
+                         "aggregate` on its manifest)")
     return df
 
 
