@@ -10,13 +10,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_records import caption_metrics, write_records
+from fixtures_records import (
+    FINGERPRINT,
+    GEN_BENCH_S,
+    GEN_SECONDS_PER_SAMPLE,
+    SCORE_BENCH_S,
+    TRAIN_SCHEDULE,
+    bench_s,
+    caption_metrics,
+    measurements,
+    write_records,
+)
 from PIL import Image
 from scipy import stats
 
 from panobench.cli import main as cli_main
 from panobench.errors import InputError
-from panobench.reporting.aggregate import RESULT_COLUMNS, VISION_RECIPE_COLUMNS, aggregate, log_error_line
+from panobench.reporting.aggregate import (
+    JOB_COLUMNS,
+    RESULT_COLUMNS,
+    VISION_RECIPE_COLUMNS,
+    aggregate,
+    log_error_line,
+)
 from panobench.reporting.html import build_report, parse_tiles
 from panobench.reporting.plots import pareto_front
 from panobench.reporting.tables import ci95_halfwidth, headline_table, resampler_order
@@ -78,7 +94,7 @@ def test_deltas_and_baseline(matrix):
     df = matrix["df"]
     cell = "ov0.50_fov90_mlp_vis-pretrained_seed1"
     row = _row(df, cell, "finetune")
-    knobs = {"overlap": 0.5, "resampler": "mlp", "seed": 1}
+    knobs = {"overlap": 0.5, "resampler": "mlp", "seed": 1, "vision_checkpoint": "pretrained"}
     trained, base = caption_metrics(knobs, "finetune"), caption_metrics(knobs, "baseline")
     for metric in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
         assert row[metric] == pytest.approx(trained[metric])
@@ -92,11 +108,66 @@ def test_deltas_and_baseline(matrix):
 
 def test_measurements_benchmark_and_provenance_columns(matrix):
     row = _row(matrix["df"], "ov0.50_fov90_mlp_vis-pretrained_seed0", "resampler")
-    assert row["num_views"] == 9 and row["visual_tokens_per_sample"] == 9 * 64
+    assert row["num_views"] == 9 and row["visual_tokens_per_sample"] == 9 * 16
+    assert row["vision_tokens_per_view"] == 64 and row["resampled_tokens_per_view"] == 16
     assert row["bench_s"] == pytest.approx(12.5) and row["bench_max_rss_mb"] == pytest.approx(2048.5)
     assert row["peak_gpu_allocated_gib"] == pytest.approx(36.0)
     assert row["device"] == "NVIDIA H200" and row["version_torch"] == "2.13.0" and len(row["config_hash"]) == 16
     assert json.loads(row["decoding"]) == {"do_sample": False, "max_new_tokens": 40, "num_beams": 1}
+    assert row["data_fingerprint"] == FINGERPRINT and row["data_num_images"] == 40
+    assert row["batch_size"] == 8 and row["devices"] == 1 and row["trainable_without_grad"] == 0
+
+
+def test_best_validation_loss_columns(matrix):
+    row = _row(matrix["df"], "ov0.50_fov90_mlp_vis-pretrained_seed0", "finetune")
+    assert (row["loss_best_val"], row["loss_best_val_step"], row["loss_last_val"]) == (1.3, 30, 1.35)
+
+
+def test_blind_columns_only_on_the_stage_it_captions_with(matrix):
+    df = matrix["df"]
+    cell = "ov0.00_fov90_qformer_vis-pretrained_seed1"
+    knobs = {"overlap": 0.0, "resampler": "qformer", "seed": 1, "vision_checkpoint": "pretrained"}
+    trained, blind = caption_metrics(knobs, "finetune"), caption_metrics(knobs, "blind")
+    row = _row(df, cell, "finetune")
+    for metric in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
+        assert row[f"blind_{metric}"] == pytest.approx(blind[metric])
+        assert row[f"delta_blind_{metric}"] == pytest.approx(trained[metric] - blind[metric])
+    # the blind eval captions with the finetune checkpoint: the stage-2 row has nothing to compare with
+    stage2 = _row(df, cell, "resampler")
+    assert math.isnan(stage2["blind_CIDEr"]) and math.isnan(stage2["delta_blind_CIDEr"])
+    assert math.isnan(_row(df, FAILED_CELL, "finetune")["blind_CIDEr"])
+
+
+def test_schedule_and_generate_job_columns(matrix):
+    df = matrix["df"]
+    cell = "ov0.50_fov90_qformer_vis-pretrained_seed0"
+    knobs = {"overlap": 0.5, "fov": 90.0, "resampler": "qformer", "vision_checkpoint": "pretrained", "seed": 0}
+    for stage in ("resampler", "finetune"):
+        row = _row(df, cell, stage)
+        steps, accum = TRAIN_SCHEDULE[stage]
+        step = measurements(knobs, stage, cell, "cuda")["speed"]["step_time_median_s"]
+        assert (row["configured_steps"], row["accumulate_grad_batches"]) == (steps, accum)
+        assert row["projected_train_s"] == pytest.approx(step * steps * accum)
+        assert row["bench_s"] == bench_s(stage)
+        # the cell's one generate job (4 eval stages x 60 samples), repeated on both rows of the cell
+        assert row["gen_bench_s"] == GEN_BENCH_S and row["gen_job_stages"] == 4 and row["gen_job_samples"] == 240
+        assert row["gen_job_seconds"] == pytest.approx(240 * GEN_SECONDS_PER_SAMPLE)
+    assert math.isnan(_row(df, FAILED_CELL, "finetune")["gen_bench_s"])   # its generate job never ran
+
+
+def test_jobs_table_counts_each_job_once(matrix):
+    jobs = pd.read_csv(matrix["csv"].with_name("jobs.csv"))
+    assert list(jobs.columns) == list(JOB_COLUMNS)
+    counts = jobs["rule"].value_counts().to_dict()
+    assert counts == {"train_vision": 1, "train_resampler": 8, "train_finetune": 8, "generate": 8, "score": 1}
+    assert jobs.loc[jobs["rule"] == "score", "bench_s"].item() == SCORE_BENCH_S
+    assert not jobs.loc[jobs["rule"] == "score", "gpu"].item() and jobs.loc[jobs["rule"] != "score", "gpu"].all()
+    generate = jobs[jobs["rule"] == "generate"].set_index("target")
+    assert generate.loc[FAILED_CELL, "status"] == "not run" and math.isnan(generate.loc[FAILED_CELL, "bench_s"])
+    assert (generate.drop(FAILED_CELL)["bench_s"] == GEN_BENCH_S).all()
+    # 7 cells x (resampler + finetune) + the failed cell's nothing + the stage-1 recipe, all measured
+    train = jobs[jobs["rule"].str.startswith("train_")]
+    assert train["bench_s"].sum() == pytest.approx(7 * (bench_s("resampler") + bench_s("finetune")) + bench_s("vision"))
 
 
 def test_vision_recipes_table(matrix):
@@ -104,13 +175,15 @@ def test_vision_recipes_table(matrix):
     assert list(recipes.columns) == list(VISION_RECIPE_COLUMNS)
     assert recipes["recipe_id"].tolist() == ["vision-vic"] and recipes["status"].tolist() == ["ok"]
     assert recipes["samples_per_s"].iloc[0] > 0
+    assert recipes["bench_s"].iloc[0] == bench_s("vision")
+    assert recipes["configured_steps"].iloc[0] == TRAIN_SCHEDULE["vision"][0]
 
 
 def test_ci_over_two_seeds(matrix):
     table = headline_table(matrix["df"])
     row = table[(table["resampler"] == "mlp") & (table["overlap"] == 0.0)].iloc[0]
-    a = caption_metrics({"overlap": 0.0, "resampler": "mlp", "seed": 0}, "finetune")["CIDEr"]
-    b = caption_metrics({"overlap": 0.0, "resampler": "mlp", "seed": 1}, "finetune")["CIDEr"]
+    a, b = (caption_metrics({"overlap": 0.0, "resampler": "mlp", "seed": s, "vision_checkpoint": "pretrained"},
+                            "finetune")["CIDEr"] for s in (0, 1))
     assert row["n_seeds"] == 2
     assert row["CIDEr_mean"] == pytest.approx((a + b) / 2)
     assert row["CIDEr_ci"] == pytest.approx(stats.t.ppf(0.975, 1) * abs(a - b) / 2)
@@ -185,8 +258,8 @@ def test_report_lists_failed_cell_and_escapes_error(matrix):
 
 def test_report_sections_and_highlight(matrix):
     html = matrix["html"].read_text()
-    for section in ("summary", "headline", "figures", "tiling", "failed", "results", "provenance", "decoding",
-                    "vision"):
+    for section in ("summary", "headline", "paired", "method", "image", "figures", "bill", "tiling", "failed",
+                    "results", "provenance", "decoding", "vision"):
         assert f'id="{section}"' in html
     assert 'class="best"' in html
     assert "peak GPU memory allocated (GiB)" in html
@@ -194,6 +267,22 @@ def test_report_sections_and_highlight(matrix):
     assert "cell_id: ov0.00_fov90_mlp_vis-pretrained_seed0" in html   # the resolved config YAML
     assert "vision-vic" in html
     assert "0123456789abcdef0123456789abcdef01234567" in html
+    assert FINGERPRINT[:12] + "…" in html and FINGERPRINT in html      # provenance short form, summary full
+    assert 'id="budget-alert"' not in html and 'id="data-alert"' not in html
+    paired_table = html.split('id="paired"')[1].split("<figure")[0]    # the summary table, not the breakdown
+    assert "one seed" not in paired_table and "n=2" in paired_table
+    assert "image helps" in html                                       # fixture blind CIDEr is far below trained
+    assert 'id="fig-paired_differences"' in html and 'id="fig-image_effect"' in html
+    for heading in ("tokens / view", "visual tokens / sample"):
+        assert f"<th>{heading}</th>" in html
+
+
+def test_report_sections_in_order(matrix):
+    html = matrix["html"].read_text()
+    order = ["summary", "headline", "paired", "image", "figures", "bill", "tiling", "failed", "results",
+             "provenance", "decoding", "vision"]
+    positions = [html.index(f'<h2 id="{section}"') for section in order]
+    assert positions == sorted(positions)
 
 
 def test_cpu_only_single_seed_single_overlap(tmp_path):
@@ -204,7 +293,10 @@ def test_cpu_only_single_seed_single_overlap(tmp_path):
     assert df["peak_gpu_allocated_gib"].isna().all() and (df["status"] == "ok").all()
     html = build_report(out_csv, manifest, out_csv.parent, root=tmp_path, title="cpu run").read_text()
     assert "peak host RSS (GiB)" in html and "peak GPU memory" not in html
-    assert "± " not in html                                # one seed: no CIs
+    assert "± " not in html.split('id="headline"')[1].split('id="paired"')[0]   # one seed: no CIs
+    paired = html.split('id="paired"')[1].split('id="image"')[0]
+    assert "One seed: nothing in this section is testable" in paired and "one seed: not testable" in paired
+    assert " [" not in paired.split("<table")[1]            # no intervals in the paired table
     assert html.count(IMG_TAG) == len(list((out_csv.parent / "figures").glob("*.png")))
     assert (out_csv.parent / "results.csv").is_file()      # building the report leaves the table in place
     # headline rows follow the fixed resampler order, whatever the matrix order
@@ -224,7 +316,7 @@ def test_cli_report_builds_when_all_but_one_cell_failed(tmp_path):
                      "--root", str(tmp_path), "--tiles", f"0.0={tile}"]) == 0
     html = (out / "report.html").read_text()
     assert "panobench train: error: out of memory" in html
-    assert html.count(IMG_TAG) == len(list((out / "figures").glob("*.png"))) + 1 == 6
+    assert html.count(IMG_TAG) == len(list((out / "figures").glob("*.png"))) + 1 == 8
     assert cli_main(["report", "--results", str(out / "results.csv"), "--manifest", str(manifest), "--out", str(out),
                      "--tiles", "zero"]) == 2
 

@@ -1,4 +1,4 @@
-"""Subcommands of this concern (registered by panobench.cli): ``panobench aggregate`` and ``panobench report``."""
+"""Subcommands of this concern (registered by panobench.cli): ``aggregate``, ``report``, ``compare`` and ``bill``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=".", help="directory the manifest's paths are relative to (default: .)")
     p.add_argument("--title", default=None, help="page title")
     p.set_defaults(func=report_command)
+    register_checks(subparsers)
 
 
 def aggregate_command(args: argparse.Namespace) -> int:
@@ -44,3 +45,79 @@ def report_command(args: argparse.Namespace) -> int:
                        configs_dir=args.configs_dir, title=args.title, root=args.root)
     logger.info("report: %s", out)
     return 0
+
+
+def register_checks(subparsers: argparse._SubParsersAction) -> None:
+    """``panobench compare`` (reproduction check) and ``panobench bill`` (GPU-hours, measured and projected)."""
+    from panobench.reporting.compare import DEFAULT_TOLERANCE
+
+    p = subparsers.add_parser("compare", help="do two results.csv agree on the caption metrics? (exit 1 if not)")
+    p.add_argument("results_a", metavar="RESULTS_A", help="results.csv of one run")
+    p.add_argument("results_b", metavar="RESULTS_B", help="results.csv of the other run (same config)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"largest absolute difference of a caption metric that counts as equal (default "
+                        f"{DEFAULT_TOLERANCE})")
+    p.set_defaults(func=compare_command)
+
+    p = subparsers.add_parser("bill", help="GPU-hours of a run's jobs; with --config, the projected cost of that "
+                                           "config's matrix from the run's measured step times")
+    p.add_argument("--results", required=True, help="results.csv of the measured run (vision_recipes.csv and "
+                                                    "jobs.csv beside it are read when present)")
+    p.add_argument("--config", default=None, help="workflow config whose matrix to project, e.g. config/quic360.yaml")
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="test samples per eval stage of the target (default: as many as the measured run had)")
+    p.add_argument("--scale-batch", action="store_true",
+                   help="match training across batch sizes, scaling step time linearly with the batch")
+    p.add_argument("--budget-hours", type=float, default=None, help="exit 1 when the projection exceeds it")
+    p.add_argument("--out", default=None, help="CSV of the projected jobs (one row per job)")
+    p.set_defaults(func=bill_command)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from panobench.reporting.compare import compare_results, summary_line
+
+    result = compare_results(args.results_a, args.results_b, args.tolerance)
+    for line in result.notes:
+        print(f"note: {line}")
+    for line in result.lines:
+        print(line)
+    print(summary_line(result))
+    return 1 if result.differs else 0
+
+
+def bill_command(args: argparse.Namespace) -> int:
+    from panobench.reporting.aggregate import write_csv_atomic
+    from panobench.reporting.bill import (
+        load_workflow_config,
+        measured_by_rule,
+        project_matrix,
+        read_measured,
+    )
+
+    results, recipes, jobs = read_measured(args.results)
+    measured = measured_by_rule(jobs)
+    print(f"measured ({args.results}):")
+    print(measured.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"GPU-hours measured: {measured['gpu_hours'].sum():.3f}")
+    if args.config is None:
+        return 0
+    projection = project_matrix(results, recipes, load_workflow_config(args.config),
+                                test_samples=args.test_samples, scale_batch=args.scale_batch)
+    devices = ", ".join(str(d) for d in results["device"].dropna().unique()) if "device" in results else "?"
+    print(f"\nprojected cost of {args.config} (matrix {projection.config!r}) from the step times measured on "
+          f"{devices or '?'}:")
+    print(projection.by_rule().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for note in projection.notes:
+        print(f"note: {note}")
+    for line in projection.missing:
+        print(f"not projected: {line}")
+    total = projection.gpu_hours
+    status = "incomplete: " if projection.missing else ""
+    budget = ""
+    over = args.budget_hours is not None and total > args.budget_hours
+    if args.budget_hours is not None:
+        budget = f" (budget {args.budget_hours:g}: {'OVER' if over else 'within'})"
+    print(f"GPU-hours projected: {status}{total:.3f}{budget}")
+    if args.out:
+        write_csv_atomic(projection.jobs, args.out)
+    return 1 if projection.missing or over else 0

@@ -22,13 +22,34 @@ import pandas as pd
 
 from panobench import __version__
 from panobench.errors import InputError
-from panobench.reporting.aggregate import load_manifest, read_results, vision_recipes_path
+from panobench.reporting.aggregate import (
+    JOB_COLUMNS,
+    jobs_path,
+    jobs_table,
+    load_manifest,
+    read_results,
+    read_table,
+    vision_recipes_path,
+)
+from panobench.reporting.bill import HOUR, measured_by_rule
+from panobench.reporting.checks import fingerprints, token_budget_warning
+from panobench.reporting.paired import (
+    KNOB_LABELS,
+    ONE_SEED,
+    PAIRED_METRICS,
+    REFERENCES,
+    max_seeds,
+    paired_differences,
+    reference_differences,
+)
 from panobench.reporting.plots import FIGURES, make_figures
+from panobench.reporting.stats import METHOD
 from panobench.reporting.tables import (
     CONTEXT_COLUMNS,
     HEADLINE_METRICS,
     best_rows,
     failed_table,
+    format_interval,
     format_mean_ci,
     format_value,
     headline_table,
@@ -65,7 +86,8 @@ def _unique(df: pd.DataFrame, column: str) -> list[str]:
     return [str(v) for v in pd.unique(df[column].dropna())]
 
 
-def _summary(df: pd.DataFrame, manifest: Mapping[str, Any], config_name: str) -> list[tuple[str, str]]:
+def _summary(df: pd.DataFrame, manifest: Mapping[str, Any], config_name: str,
+             recipes: pd.DataFrame | None) -> list[tuple[str, str]]:
     cells = manifest.get("cells", [])
     knob = {k: sorted({c.get("knobs", {}).get(k) for c in cells} - {None}, key=str)
             for k in ("overlap", "fov", "seed")}
@@ -83,10 +105,165 @@ def _summary(df: pd.DataFrame, manifest: Mapping[str, Any], config_name: str) ->
         ("resamplers", ", ".join(resamplers)),
         ("vision checkpoints", ", ".join(str(v) for v in vision)),
         ("seeds", ", ".join(str(s) for s in knob["seed"])),
+        ("visual-token budget", _budget_text(df, manifest)),
+        ("data fingerprint", fingerprints(df, recipes).text),
+        ("intervals", METHOD),
         ("device", ", ".join(_unique(df, "device")) or "–"),
         ("git revision", ", ".join(_unique(df, "git_revision")) or "–"),
         ("report built", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f" by panobench {__version__}"),
     ]
+
+
+def _budget_text(df: pd.DataFrame, manifest: Mapping[str, Any]) -> str:
+    configured = manifest.get("tokens_per_view")
+    text = (f"{configured} visual tokens per view for every arm (config tokens_per_view)" if configured is not None
+            else "not set in the config (tokens_per_view: null): each resampler's own parameters decide")
+    if token_budget_warning(df) is not None:
+        text += " — the arms differ, see the warning at the top"
+    return text
+
+
+def _alerts(df: pd.DataFrame, recipes: pd.DataFrame | None) -> list[dict[str, str]]:
+    """Warnings shown at the top of the report, above everything else."""
+    alerts = []
+    budget = token_budget_warning(df)
+    if budget is not None:
+        alerts.append({"id": "budget-alert", "title": "Arms differ in visual tokens per view",
+                       "text": budget.message + " Tokens per view and per sample are shown on every headline row."})
+    prints = fingerprints(df, recipes)
+    if len(prints.counts) > 1:
+        alerts.append({"id": "data-alert", "title": "Cells were trained or evaluated on different data",
+                       "text": f"{len(prints.counts)} data fingerprints: {prints.text}. Metrics of cells with "
+                               "different fingerprints are not comparable; see the provenance table."})
+    return alerts
+
+
+def _paired(df: pd.DataFrame) -> dict[str, Any]:
+    """The paired-comparison tables: one row per knob level pair, one column per metric (value [interval], verdict)."""
+    summary, breakdown = paired_differences(df)
+    metrics = [(c, label) for c, label in PAIRED_METRICS if c in set(summary["metric"])]
+    headers = ["knob", "A → B", "n seeds", *(f"Δ {label} (B − A)" for _, label in metrics)]
+    rows = []
+    for (knob, a, b), group in summary.groupby(["knob", "level_a", "level_b"], sort=False):
+        by_metric = group.set_index("metric")
+        cells = []
+        for metric, _ in metrics:
+            if metric not in by_metric.index:
+                cells.append({"text": "–", "verdict": "", "cls": ""})
+                continue
+            r = by_metric.loc[metric]
+            cells.append({"text": format_interval(r["mean"], r["low"], r["high"]), "verdict": r["verdict"],
+                          "cls": _verdict_class(r["verdict"], f"{b} better", f"{a} better")})
+        n = by_metric["n"].max()
+        pair = f"{a} → {b}".replace("overlap ", "")     # the knob column already says "overlap"
+        rows.append({"knob": KNOB_LABELS[knob], "pair": pair, "n": str(int(n)), "cells": cells})
+    labels = dict(PAIRED_METRICS)
+    detail = breakdown.assign(
+        knob=breakdown["knob"].map(KNOB_LABELS), metric=breakdown["metric"].map(labels),
+        pair=(breakdown["level_a"] + " → " + breakdown["level_b"]).str.replace("overlap ", "", regex=False),
+        difference=[format_interval(m, lo, hi) for m, lo, hi in zip(breakdown["mean"], breakdown["low"],
+                                                                    breakdown["high"], strict=True)])
+    return {"headers": headers, "rows": rows, "seeds": max_seeds(df),
+            "breakdown": _table(detail, ["knob", "pair", "setting", "metric", "n", "difference", "verdict"])}
+
+
+def _verdict_class(verdict: str, b_better: str, a_better: str) -> str:
+    if verdict == b_better:
+        return "better"
+    if verdict == a_better:
+        return "worse"
+    return "untestable" if verdict == ONE_SEED else "nodiff"
+
+
+def _image_effect(df: pd.DataFrame) -> dict[str, Any]:
+    """Trained vs untrained baseline and trained vs blind, CIDEr first; every metric in a long table."""
+    refs = reference_differences(df)
+    present = [r for r in REFERENCES if r in set(refs["reference"])]
+    headers = ["vision", "resampler", "overlap", "n seeds", "trained CIDEr"]
+    for reference in present:
+        _, name, _, _ = REFERENCES[reference]
+        label = "untrained baseline" if reference == "baseline" else "blind (grey image)"
+        headers += [f"{label} CIDEr", f"{name}", "verdict"]
+    rows = []
+    cider = refs[refs["metric"] == "CIDEr"]
+    for setting, group in cider.groupby("setting", sort=False):
+        by_ref = group.set_index("reference")
+        first = group.iloc[0]
+        where = ([setting, "", ""] if setting == "all cells" else
+                 [str(first["vision_checkpoint"]), str(first["resampler"]), f"{first['overlap']:.2f}"])
+        cells = [*({"text": w, "cls": ""} for w in where), {"text": str(int(group["n"].max())), "cls": ""},
+                 {"text": format_value(first["trained"]), "cls": ""}]
+        for reference in present:
+            if reference not in by_ref.index:
+                cells += [{"text": "–", "cls": ""}] * 3
+                continue
+            r = by_ref.loc[reference]
+            _, _, helps, hurts = REFERENCES[reference]
+            cells += [{"text": format_value(r["reference_value"]), "cls": ""},
+                      {"text": format_interval(r["mean"], r["low"], r["high"]), "cls": ""},
+                      {"text": r["verdict"], "cls": _verdict_class(r["verdict"], helps, hurts)}]
+        rows.append(cells)
+    long = refs.assign(comparison=refs["reference"].map(lambda r: REFERENCES[r][1]),
+                       metric=refs["metric"].map(dict(PAIRED_METRICS)),
+                       difference=[format_interval(m, lo, hi) for m, lo, hi in zip(refs["mean"], refs["low"],
+                                                                                   refs["high"], strict=True)])
+    return {"headers": headers, "rows": rows, "has_blind": "blind" in present,
+            "all": _table(long, ["comparison", "setting", "metric", "n", "trained", "reference_value", "difference",
+                                 "verdict"])}
+
+
+def _bill(results_csv: Path, df: pd.DataFrame, recipes: pd.DataFrame | None) -> dict[str, Any] | None:
+    """Measured wall time of every job (jobs.csv) and the projected training time, per cell and in total."""
+    path = jobs_path(results_csv)
+    jobs = read_table(path, JOB_COLUMNS, what="job table") if path.is_file() else jobs_table(df, recipes)
+    if jobs.empty:
+        return None
+    wall = pd.to_numeric(jobs["bench_s"], errors="coerce")
+    projected = pd.to_numeric(jobs["projected_s"], errors="coerce")
+    per_cell = []
+    schedule = df.set_index(["cell_id", "stage"])
+    gpu_jobs = jobs[jobs["rule"] != "score"]
+    for target, group in gpu_jobs.groupby("target", sort=False):
+        by_rule = dict(zip(group["rule"], wall[group.index], strict=True))
+        proj = projected[group.index].sum(min_count=1)
+        row = [target, *(format_value(by_rule.get(r, math.nan)) for r in
+                         ("train_vision", "train_resampler", "train_finetune", "generate")),
+               format_value(wall[group.index].sum(min_count=1)), format_value(proj)]
+        steps = []
+        for stage in ("resampler", "finetune"):
+            if (target, stage) in schedule.index:
+                r = schedule.loc[(target, stage)]
+                steps.append(f"{format_value(r['configured_steps'])}×{format_value(r['accumulate_grad_batches'])}")
+        row.append(" / ".join(steps) if steps else "–")
+        per_cell.append(row)
+    totals = measured_by_rule(jobs)
+    gpu = totals[totals["gpu"]]
+    score = jobs[jobs["rule"] == "score"]
+    measured_jobs = int(gpu["measured"].sum())
+    summary = [
+        ("GPU jobs (train_*, generate)", f"{int(gpu['jobs'].sum())}, {measured_jobs} with a benchmark TSV"),
+        ("measured GPU-hours", f"{gpu['gpu_hours'].sum():.3f} (wall time × devices of the GPU jobs)"),
+        ("projected training GPU-hours", f"{projected[jobs['gpu'].astype(str).str.lower() == 'true'].sum() / HOUR:.3f}"
+                                         " (median step time × configured steps × accumulation; no validation, "
+                                         "start-up or evaluation)"),
+        ("score job (CPU)", f"{format_value(wall[score.index].sum(min_count=1))} s" if not score.empty
+         else "no benchmark recorded"),
+    ]
+    per_rule = [[r["rule"], "GPU" if r["gpu"] else "CPU", str(r["jobs"]), str(r["measured"]),
+                 format_value(r["wall_hours"] * HOUR), f"{r['wall_hours']:.3f}",
+                 f"{r['projected_train_hours']:.3f}" if r["rule"].startswith("train_") else "–"]
+                for _, r in totals.iterrows()]
+    device_types = set(_unique(df, "device_type"))
+    devices = ", ".join(_unique(df, "device")) or "–"
+    if device_types == {"cpu"}:
+        devices += " — a CPU run: the “GPU” jobs' hours are CPU wall time"
+    return {"summary": summary,
+            "per_rule": {"headers": ["job", "runs on", "jobs", "measured", "wall (s)", "wall (h)",
+                                     "projected train (h)"], "rows": per_rule},
+            "per_cell": {"headers": ["cell / recipe", "train_vision (s)", "train_resampler (s)", "train_finetune (s)",
+                                     "generate (s)", "GPU wall total (s)", "projected train (s)",
+                                     "steps × accumulation (resampler / finetune)"], "rows": per_cell},
+            "devices": devices}
 
 
 def _headline(df: pd.DataFrame) -> dict[str, Any]:
@@ -195,6 +372,9 @@ def build_report(results_csv: str | os.PathLike, manifest_path: str | os.PathLik
     """
     results_csv, out_dir, root = Path(results_csv), Path(out_dir), Path(root)
     df = ordered(read_results(results_csv)).reset_index(drop=True)
+    recipes_csv = vision_recipes_path(results_csv)
+    recipes = read_table(recipes_csv, ("recipe_id", "status"), what="vision recipe table") \
+        if recipes_csv.is_file() else None
     manifest = load_manifest(manifest_path)
     config_name = str(manifest.get("name", "?"))
     fig_dir = out_dir / "figures"
@@ -202,19 +382,27 @@ def build_report(results_csv: str | os.PathLike, manifest_path: str | os.PathLik
     full_columns = [c for c in df.columns if c not in ("decoding",)]
     with atomic_dir(fig_dir) as tmp_figs:
         pngs = make_figures(df, tmp_figs)
-        figures = [{"name": name, "caption": FIGURES[name][1], "src": _data_uri(png), "file": f"figures/{png.name}"}
-                   for name, png in pngs.items()]
+        figures = {name: {"name": name, "caption": FIGURES[name][1], "src": _data_uri(png),
+                          "file": f"figures/{png.name}"} for name, png in pngs.items()}
+        own_section = ("paired_differences", "image_effect", "baseline_deltas")
         context = {
             "title": title or f"panobench report: {config_name}",
-            "summary": _summary(df, manifest, config_name),
+            "alerts": _alerts(df, recipes),
+            "summary": _summary(df, manifest, config_name, recipes),
             "headline": _headline(df),
-            "figures": figures,
+            "method": METHOD,
+            "paired": _paired(df),
+            "image": _image_effect(df),
+            "fig": figures,
+            "figures": [f for name, f in figures.items() if name not in own_section],
+            "bill": _bill(results_csv, df, recipes),
             "tiles": _tiles(tiles or {}),
             "failed": _table(failed),
             "n_failed": len(failed),
             "n_rows": len(df),
             "results": _table(df, full_columns),
             "provenance": _table(provenance_table(df)),
+            "data_fingerprint": fingerprints(df, recipes).text,
             "configs": _configs(manifest, root, Path(configs_dir) if configs_dir else None),
             "decodings": _decodings(df),
             "recipes": _recipes(results_csv),

@@ -1,8 +1,7 @@
 """Tables derived from ``results.csv``: seed summaries (mean and 95% CI), the headline table, failures, provenance.
 
-The CI in tables is the Student-t interval of the mean over seeds (half-width t_{0.975, n-1} * sd / sqrt(n)):
-with 2-3 seeds a bootstrap interval (what seaborn draws) collapses to the range of the values, which
-understates the uncertainty; the t interval is the honest one for tiny n. NaN when fewer than 2 seeds.
+The CI is the report's one interval method, :func:`panobench.reporting.stats.t_interval` (Student t over seeds);
+NaN when fewer than 2 seeds.
 """
 
 from __future__ import annotations
@@ -12,7 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from panobench.reporting.stats import ci95_halfwidth
 
 # Fixed order (and, in plots.py, colour) of the resamplers everywhere in the report.
 RESAMPLER_ORDER = ("mlp", "bimamba", "qformer", "perceiver")
@@ -28,9 +28,12 @@ HEADLINE_METRICS: tuple[tuple[str, str, bool], ...] = (
     ("step_time_median_s", "step time (s, median)", False),
     ("peak_memory_gib", "peak memory (GiB)", False),
 )
-CONTEXT_COLUMNS = (("num_views", "views"), ("visual_tokens_per_sample", "visual tokens"))
-PROVENANCE_COLUMNS = ("cell_id", "stage", "config_hash", "kernel_path", "resampler_init", "device", "version_torch",
-                      "version_transformers", "version_peft", "version_lightning", "version_cuda", "git_revision")
+# Shown on every headline row: a comparison between arms is only about the arm at equal visual-token budgets.
+CONTEXT_COLUMNS = (("num_views", "views"), ("resampled_tokens_per_view", "tokens / view"),
+                   ("visual_tokens_per_sample", "visual tokens / sample"))
+PROVENANCE_COLUMNS = ("cell_id", "stage", "config_hash", "data_fingerprint", "kernel_path", "resampler_init",
+                      "device", "version_torch", "version_transformers", "version_peft", "version_lightning",
+                      "version_cuda", "git_revision")
 
 
 def resampler_order(values: Iterable[str]) -> list[str]:
@@ -52,14 +55,6 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
     if "stage" in df:
         keys["t"] = df["stage"].map({"resampler": 0, "finetune": 1})
     return df.loc[keys.sort_values(list(keys.columns), kind="stable").index]
-
-
-def ci95_halfwidth(values: Sequence[float] | pd.Series) -> float:
-    """Half-width of the Student-t 95% CI of the mean; NaN for fewer than 2 finite values."""
-    x = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce").dropna(), dtype=float)
-    if x.size < 2:
-        return math.nan
-    return float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
 
 
 def memory_column(df: pd.DataFrame) -> tuple[str, str]:
@@ -135,10 +130,42 @@ def format_value(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if magnitude >= 1 else f"{value:.{digits}f}"
 
 
+def format_signed(value: float, digits: int = 3) -> str:
+    """A difference with its sign always shown (typographic minus), or "–" for NaN."""
+    text = format_value(value, digits)
+    if text == "–":
+        return text
+    if text.startswith("-"):
+        return "−" + text[1:]
+    return "+" + text if value != 0 else text
+
+
+def format_interval(mean: float, low: float, high: float, digits: int = 3) -> str:
+    """``+0.031 [−0.012, +0.074]``: all three with the decimals that give the largest ``digits`` significant
+    digits, so the bounds line up with the mean; just the signed mean when there is no interval."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    values = [v for v in (mean, low, high) if not math.isnan(v)]
+    largest = max(abs(v) for v in values)
+    decimals = 0 if largest == 0 else max(0, digits - 1 - math.floor(math.log10(largest)))
+    spec = f"+.{digits - 1}e" if 0 < largest < 1e-3 else f"+.{decimals}f"   # tiny values: exponent, not 0.0000012
+
+    def signed(v: float) -> str:
+        text = format(v, spec)
+        return "0" if float(text) == 0 else text.replace("-", "−")
+
+    text = signed(mean)
+    if not (math.isnan(low) or math.isnan(high)):
+        text += f" [{signed(low)}, {signed(high)}]"
+    return text
+
+
 def format_mean_ci(mean: float, ci: float, digits: int = 3) -> str:
     """``mean ± ci`` (or just the mean when there is no CI)."""
     text = format_value(mean, digits)
     if not (isinstance(ci, float) and math.isnan(ci)) and text != "–":
+        # Float noise between equal values (1e-14) is no uncertainty: show it as the zero it is.
+        ci = 0.0 if abs(ci) <= 1e-9 * max(1.0, abs(mean)) else ci
         text += f" ± {format_value(ci, digits)}"
     return text
 
@@ -148,6 +175,12 @@ def failed_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell x stage that recorded something (failed stages without records are left out)."""
+    """One row per cell x stage that recorded something (failed stages without records are left out).
+
+    The data fingerprint is shortened to its first 12 hex digits (results.csv has all 64).
+    """
     has_record = df["config_hash"].notna() | df["device"].notna()
-    return ordered(df[has_record])[list(PROVENANCE_COLUMNS)].reset_index(drop=True)
+    table = ordered(df[has_record])[list(PROVENANCE_COLUMNS)].reset_index(drop=True)
+    table["data_fingerprint"] = table["data_fingerprint"].map(
+        lambda v: v[:12] + "…" if isinstance(v, str) and len(v) > 12 else v)
+    return table
