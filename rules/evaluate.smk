@@ -44,7 +44,7 @@ if config["score"] and EVAL_STAGES:
         log:
             f"logs/{NAME}/score.log",
         benchmark:
-            f"benchmarks/{NAME}/score.tsv"
+            pm.score_benchmark(config)
         resources:
             mem_mb=RES["cpu_mem_mb"],
             runtime=RES["cpu_runtime_min"],

@@ -267,7 +267,12 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
                for v in vision_recipes(wf)]
     return {"name": wf["name"], "cells": cells, "vision_recipes": recipes,
             "overlaps": [float(o) for o in wf["matrix"]["overlaps"]], "tokens_per_view": tokens_per_view(wf),
-            "data_fingerprint": data_fingerprint_path(wf)}
+            "data_fingerprint": data_fingerprint_path(wf), "score_benchmark": score_benchmark(wf)}
+
+
+def score_benchmark(wf: dict[str, Any]) -> str:
+    """The one score job's Snakemake benchmark TSV (the CPU line of the bill)."""
+    return f"benchmarks/{wf['name']}/score.tsv"
 
 
 def generate_log(wf: dict[str, Any], cell_id: str) -> str:
