@@ -160,6 +160,11 @@ def test_post_only_runs_install_sh(defn: DefFile) -> None:
     files = dict(defn.files())
     assert files.get("containers/install.sh") == "/opt/panobench/containers/install.sh", files
     assert shell_commands(defn.sections["post"]) == ["bash /opt/panobench/containers/install.sh --mode gpu"]
+    builder = _load("rootfs_builder")
+    assert builder.install_command(defn)[1:3] == ["/opt/panobench/containers/install.sh", "--mode"]
+    broken = DefFile(defn.header, {**defn.sections, "post": defn.sections["post"] + "\n    pip install extra\n"})
+    with pytest.raises(builder.BuildError, match="%post must be exactly"):
+        builder.install_command(broken)
 
 
 def test_install_script_rejects_bad_arguments() -> None:
