@@ -126,7 +126,7 @@ def _pip_config() -> dict[str, str]:
         match = re.match(r"^(?P<section>[^.]+)\.(?P<key>[\w-]+)='(?P<value>.*)'$", line)
         if match and match["section"] in rank:
             key, value, r = match["key"], match["value"], rank[match["section"]]
-            if key == "timeout":  # the env var PIP_DEFAULT_TIMEOUT lists as :env:.default-timeout
+            if key == "timeout":  # one option: `timeout` in config files, PIP_DEFAULT_TIMEOUT in the environment
                 key = "default-timeout"
             if key not in found or r >= found[key][0]:
                 found[key] = (r, value)
