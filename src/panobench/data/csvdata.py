@@ -266,6 +266,11 @@ class PanoramaCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self._samples)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Every sample's fields as read from the CSV (url, query, annotation or references, sample_id, row),
+        without decoding an image."""
+        return [{k: v for k, v in sample.items() if k != "path"} for sample in self._samples]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self._samples[index]
         try:

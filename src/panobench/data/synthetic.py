@@ -296,17 +296,18 @@ def sample_objects(
     rng: np.random.Generator,
     *,
     force_seam: bool,
+    objects: tuple[int, int] = (2, 4),
     size_range: tuple[float, float] = (10.0, 20.0),
     max_abs_pitch: float = 30.0,
     min_gap_deg: float = 4.0,
 ) -> tuple[SceneObject, ...]:
-    """Draw 2–4 non-overlapping objects with distinct colours.
+    """Draw between ``objects[0]`` and ``objects[1]`` (inclusive) non-overlapping objects with distinct colours.
 
     Two objects are kept apart by at least ``min_gap_deg`` between their bounding caps, so their shapes
     never touch. With ``force_seam`` the first object is centred within ±3° of a seam yaw (ERP ±180° seam
     or a 4-tile seam), so it straddles that seam.
     """
-    n = int(rng.integers(2, 5))
+    n = int(rng.integers(objects[0], objects[1] + 1))
     colours = [list(PALETTE)[i] for i in rng.choice(len(PALETTE), size=n, replace=False)]
     objects: list[SceneObject] = []
     for k, colour in enumerate(colours):
@@ -427,20 +428,21 @@ def _straddles(mask: np.ndarray, seam_yaw: float) -> bool:
     return bool((mask[:, right - 1] & mask[:, right]).any())  # right = 0 wraps to the ERP seam
 
 
-def build_scene(split: str, index: int, *, seed: int, directions: np.ndarray, seam_fraction: float) -> tuple:
+def build_scene(split: str, index: int, *, seed: int, directions: np.ndarray, seam_fraction: float,
+                objects: tuple[int, int] = (2, 4)) -> tuple:
     """Sample, render and caption one image. Returns ``(scene, image uint8 [H, W, 3])``."""
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     # Exactly a `seam_fraction` share of the images get a forced seam object (spread evenly over indices).
     force = math.floor((index + 1) * seam_fraction) > math.floor(index * seam_fraction)
-    objects = sample_objects(rng, force_seam=force)
-    image, masks = render_scene(objects, directions, rng)
+    placed = sample_objects(rng, force_seam=force, objects=objects)
+    image, masks = render_scene(placed, directions, rng)
     n_refs = (4, 6) if split == "test" else (1, 1)
-    queries = make_queries(objects, rng, n_refs)
+    queries = make_queries(placed, rng, n_refs)
     scene = Scene(
         split=split,
         index=index,
         url=f"images/{split}/{index:06d}.png",
-        objects=objects,
+        objects=placed,
         queries=queries,
         erp_seam=any(_straddles(m, 180.0) for m in masks),
         tile_seam=any(_straddles(m, s) for m in masks for s in TILE_SEAMS_DEG),
@@ -467,7 +469,12 @@ def _csv_text(rows: list[tuple[str, str, str]]) -> str:
     return buf.getvalue()
 
 
-def _check_params(seed: int, counts: dict[str, int], width: int, height: int, seam_fraction: float) -> None:
+def _check_params(seed: int, counts: dict[str, int], width: int, height: int, seam_fraction: float,
+                  objects: tuple[int, int] = (2, 4)) -> None:
+    lo, hi = objects
+    if not 1 <= lo <= hi <= len(PALETTE):
+        raise ConfigError(f"synthetic objects per scene must satisfy 1 <= min <= max <= {len(PALETTE)} (one colour "
+                          f"each), got {list(objects)}")
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"synthetic seed must be a non-negative integer, got {seed!r}")
     for split, n in counts.items():
@@ -509,6 +516,7 @@ def generate_synthetic(
     width: int = 512,
     height: int = 256,
     seam_fraction: float = 0.3,
+    objects: tuple[int, int] = (2, 4),
 ) -> SyntheticSummary:
     """Generate the synthetic dataset into ``out_dir`` (atomically replacing a previous one).
 
@@ -521,13 +529,15 @@ def generate_synthetic(
         width: ERP width in pixels (must be ``2 * height``).
         height: ERP height in pixels.
         seam_fraction: Share of images whose first object is forced onto a seam (ERP or 4-tile seam).
+        objects: (min, max) objects per scene, drawn uniformly; each has its own colour.
 
     Returns:
         Counts of what was written.
     """
     out_dir = Path(out_dir)
     counts = {"train": n_train, "valid": n_valid, "test": n_test}
-    _check_params(seed, counts, width, height, seam_fraction)
+    objects = (int(objects[0]), int(objects[1]))
+    _check_params(seed, counts, width, height, seam_fraction, objects)
     _check_out_dir(out_dir)
     directions = erp_direction_grid(width, height)
     rows: dict[str, int] = {}
@@ -540,7 +550,7 @@ def generate_synthetic(
             csv_rows: list[tuple[str, str, str]] = []
             for index in range(counts[split]):
                 scene, image = build_scene(split, index, seed=seed, directions=directions,
-                                           seam_fraction=seam_fraction)
+                                           seam_fraction=seam_fraction, objects=objects)
                 (tmp / scene.url).write_bytes(_png_bytes(image))
                 csv_rows.extend((scene.url, q.query, ref) for q in scene.queries for ref in q.references)
                 groups[split] = groups.get(split, 0) + len(scene.queries)
@@ -556,7 +566,8 @@ def generate_synthetic(
             "generator": GENERATOR,
             "format_version": FORMAT_VERSION,
             "parameters": {"seed": seed, "n_train": n_train, "n_valid": n_valid, "n_test": n_test,
-                           "width": width, "height": height, "seam_fraction": seam_fraction},
+                           "width": width, "height": height, "seam_fraction": seam_fraction,
+                           "objects": list(objects)},
             "images": counts,
             "rows": rows,
             "groups": groups,
@@ -583,7 +594,7 @@ def _readme(record: dict) -> str:
         "panobench synthetic panorama dataset (QuIC-360 CSV format)\n"
         f"generator: {GENERATOR} format {FORMAT_VERSION}\n"
         f"parameters: seed={p['seed']} n_train={p['n_train']} n_valid={p['n_valid']} n_test={p['n_test']} "
-        f"size={p['width']}x{p['height']} seam_fraction={p['seam_fraction']}\n"
+        f"size={p['width']}x{p['height']} seam_fraction={p['seam_fraction']} objects={p['objects']}\n"
         "\n"
         "images/<split>/NNNNNN.png  equirectangular RGB, yaw 0 at the centre column, yaw positive to the right,\n"
         "                           pitch positive up (py360convert e2p convention)\n"
