@@ -173,8 +173,14 @@ class PanoVLM(nn.Module):
         embeds, mask, labels = self._merge(input_ids, attention_mask, vision, labels)
         causal = self.causal_lm()
         decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
+        # Training batches are right-padded (TrainCollator): under the causal mask no real token attends to a later
+        # pad, and pad positions carry no target, so the padding mask changes nothing the loss reads. Without it
+        # the decoder takes SDPA's causal path (flash kernel, grouped-query K/V used as they are) instead of a
+        # materialised [B, 1, L, L] mask (memory-efficient kernel, K/V repeated per query head). The contract is
+        # checked on the device, without a host sync; a left-padded batch would fail here, not train wrongly.
+        torch._assert_async((mask[:, 1:] <= mask[:, :-1]).all(), "PanoVLM.forward needs right-padded batches")
         # use_cache=False: training needs no KV cache (the decoder would otherwise build one every step).
-        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state  # [B, L', D]
+        hidden = decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False).last_hidden_state  # [B, L', D]
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         h = hidden[:, :-1][select]                                        # [M, D] rows with a target
