@@ -138,7 +138,7 @@ class RuntimeConfig:
     devices: int = 1                         # > 1: Lightning DDP
     precision: str = "32-true"               # Lightning precision, e.g. "bf16-mixed" on GPUs
     deterministic: bool = True               # torch deterministic algorithms (CPU runs are bit-reproducible)
-    measure_flops: bool = True               # count FLOPs of one step with torch.utils.flop_counter
+    measure_flops: bool = True               # count model FLOPs of one step (panobench.measurement.flops)
     measure_warmup_steps: int = 2            # steps excluded from step-time statistics
     device_peak_tflops: float | None = None  # dense bf16 peak for MFU; None = the datasheet table by device name
     compile: bool = False                    # torch.compile each LM and vision transformer block (inductor on

@@ -257,6 +257,10 @@ class PanoramaCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self._samples)
 
+    def query(self, index: int) -> str:
+        """The query of sample ``index``, without decoding its image (generation sizes its prompts from these)."""
+        return str(self._samples[index]["query"])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self._samples[index]
         try:
