@@ -5,6 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from workflow_helpers import copy_workflow, run_snakemake
+from workflow_helpers import copy_workflow, run_snakemake, snakemake_env
 
 from panobench import matrix as pm
 
@@ -128,3 +133,99 @@ def test_smoke_variant_runs_through_the_workflow(tmp_path: Path) -> None:
     assert (results["resampler"] == "bimamba").all()
     assert (results["kernel_path"] == "reference").all()   # CPU: the pure-PyTorch scan, recorded as such
     assert (wd / "reports" / smoke["name"] / "report.html").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ the GPU sessions
+SESSION_FILES = ["env.json", "harness.tar.gz", "naive_step.json", "session.log", "summary.json", "summary.md",
+                 "vlm_step.json"]
+DDP_FILES = ["ddp-harness.tar.gz", "ddp-session.log", "ddp_summary.json", "ddp_summary.md", "env.json"]
+
+
+def _run_session(tmp_path: Path, script: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """A session script's CPU mode in a scratch copy of the workflow (the device call runs in the repo root)."""
+    wd = copy_workflow(tmp_path / "wf")
+    shutil.copytree(ROOT / "benchmarks", wd / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    env = {**snakemake_env(), "OUT": str(out), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", f"benchmarks/device/{script}", "--cpu"], cwd=wd, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    return out, proc
+
+
+def _check_fits_the_device_tool(out: Path, expected: list[str]) -> None:
+    """What comes back from a device call: at most 8 plain files, names of letters, digits, '.', '_', '-'."""
+    names = sorted(p.name for p in out.iterdir())
+    assert names == expected and all(p.is_file() for p in out.iterdir())
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names) and len(names) <= 8
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_single_gpu_session_cpu_mode(tmp_path: Path) -> None:
+    """run_gpu_session.sh --cpu: every step of the GPU session (naive step, vlm_step.py, the harness through
+    Snakemake with the targets the session derives, generation fast and plain, the report, the collection) at
+    tiny dimensions; a wrong target, a renamed field or a None in a division fails here."""
+    out, proc = _run_session(tmp_path, "run_gpu_session.sh")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    _check_fits_the_device_tool(out, SESSION_FILES)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "cpu" and summary["env"]["source_digest"]
+    assert [s["status"] for s in summary["steps"]] == ["ok"] * len(summary["steps"])
+    assert [s["step"].split()[0] for s in summary["steps"]] == [
+        "naive", "prepare", "vlm_step.py", "harness", "generation", "harness", "vlm_step.py", "vlm_step.py",
+        "generation", "report"]
+    targets = {t["target"].split(" ")[0]: t for t in summary["targets"]}
+    assert len(summary["targets"]) == 6
+    # Every ratio was computed (CPU: no GPU memory, no MFU); the thresholds are the issue's.
+    for t in summary["targets"]:
+        assert (t["value"] is None) == any(w in t["target"] for w in ("allocated", "MFU")), t
+    assert targets["harness"]["threshold"] == 3.0 and targets["generation"]["threshold"] == 1500.0
+    assert {(r["resampler"], r["views"], r["stage"]) for r in summary["harness"]} == {
+        ("mlp", 5, "resampler"), ("mlp", 5, "finetune"), ("mlp", 9, "resampler"), ("mlp", 9, "finetune")}
+    for row in summary["harness"]:
+        assert row["samples_per_s"] > 0 and row["flops_per_step"] > 0 and row["mfu"] is None
+        assert row["compiled"] is (row["stage"] == "finetune")
+    assert {(r["variant"], r["resampler"], r["views"]) for r in summary["vlm_step"]} == {
+        ("compile", "mlp", 5), ("compile", "mlp", 9), ("compile", "bimamba", 5)}
+    assert all(r["status"] == "ok" and r["flops_per_step"] > 0 for r in summary["vlm_step"])
+    gen = summary["generation"][0]
+    assert gen["static_cache"] and gen["compiled_decode"] and gen["lora_merged"] and gen["decode_tokens_per_s"] > 0
+    plain = summary["generation_plain"]
+    assert not plain["static_cache"] and not plain["compiled_decode"] and plain["lora_merged"] is False
+    assert summary["fast_vs_plain_identical_predictions"] == 1.0
+    assert summary["activation_mib_per_lm_token"] is None          # no GPU memory on a CPU
+    with tarfile.open(out / "harness.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("finetune/anyres-e2p_mlp/measurements.json") for n in names)
+    assert "plain-generation/generation.json" in names and any(n.endswith("report.html") for n in names)
+    assert not any(n.endswith(".ckpt") for n in names)
+    # The collection fills the README's placeholder block with summary.md, unedited.
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "reports/gpu-speed/README.md", readme)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/device/gpu_session.py"), "fill-readme", "--summary",
+                    str(out / "summary.md"), "--readme", str(readme)], check=True)
+    filled = readme.read_text()
+    assert (out / "summary.md").read_text().strip() in filled and "Placeholder — to be filled from `summary.md`" \
+        not in filled and "Placeholder — to be filled from `ddp_summary.md`" in filled
+
+
+@pytest.mark.slow
+@pytest.mark.workflow
+def test_ddp_session_cpu_mode(tmp_path: Path) -> None:
+    """run_ddp_session.sh --cpu: the DDP measurement on two gloo processes. One device at batch 2 x accumulation 2
+    and two devices at batch 2 each see the same samples per optimizer step: the loss curves agree, samples/s are
+    counted over both ranks, rank 0 alone writes the records."""
+    out, proc = _run_session(tmp_path, "run_ddp_session.sh")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    _check_fits_the_device_tool(out, DDP_FILES)
+    summary = json.loads((out / "ddp_summary.json").read_text())
+    one, two = summary["one_device"], summary["two_devices"]
+    assert (one["devices"], two["devices"]) == (1, 2) and one["batch"] == two["batch"]
+    assert two["samples_per_s"] == pytest.approx(2 * two["batch"] / two["step_time_median_s"])
+    efficiency, curves = summary["targets"]
+    assert efficiency["value"] > 0 and efficiency["threshold"] == 0.9
+    assert len(one["loss_curve"]) == len(two["loss_curve"]) > 0
+    assert curves["value"] < 0.02, (one["loss_curve"], two["loss_curve"])   # same samples and weights per step
+    with tarfile.open(out / "ddp-harness.tar.gz") as tar:
+        measurements = [n for n in tar.getnames() if n.endswith("measurements.json")]
+    assert len(measurements) == 4                                # 2 stages x 2 runs, each written once
