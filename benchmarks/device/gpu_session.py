@@ -6,7 +6,7 @@ wrong Snakemake target, a renamed record field or a None in a division fails in 
 
     python benchmarks/device/gpu_session.py single --out OUT [--cpu] [--deadline-epoch T]
     python benchmarks/device/gpu_session.py ddp --out OUT [--cpu] [--deadline-epoch T]
-    python benchmarks/device/gpu_session.py fill-readme --summary OUT/summary.md [--block ddp]   # into the README
+    python benchmarks/device/gpu_session.py fill-readme --summary OUT/summary.md [--block ddp|extras]  # the README
     python benchmarks/device/gpu_session.py digest        # the source digest a session's env.json must show
 
 ``single`` (one GPU), in order of value, each step skipped once the deadline is too close: environment (device,
@@ -19,6 +19,9 @@ each target with its threshold) and ``summary.md`` (the table for reports/gpu-sp
 
 ``ddp`` (two GPUs): the one-GPU reference (config/gpu-speed-ddp-1gpu.yaml, GPU 0 only), then the same cell on two
 GPUs (config/gpu-speed-ddp.yaml); scaling efficiency and the two loss curves compared: ``ddp_summary.json``/``.md``.
+Then, unless ``EXTRAS=0``, the time left goes to the single-GPU rows a full single session may not reach in its ten
+minutes (bimamba at 5 and 9 views with generation and the plain-path comparison, vlm_step.py's bimamba and 9-view
+rows), on GPU 0: ``extras_summary.json``/``.md``, ``extras-harness.tar.gz``.
 
 Everything kept lands in ``--out`` as at most 8 plain files (the device tool's limit); intermediate files go to
 ``--work`` (default: a temporary folder).
@@ -198,50 +201,83 @@ def plain_generation(session: Session, wf: dict[str, Any], cell: pm.Cell) -> Non
     resolved["eval"].update(static_cache=False, merge_lora=False, compile=False)
     plain_cfg = session.work / "plain-generation.yaml"
     plain_cfg.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    session.run("generation on the plain path (same checkpoint)",
+    session.run(f"generation on the plain path ({cell.cell_id})",
                 [sys.executable, "-m", "panobench", "generate", "--config", str(plain_cfg), "--stage", "finetune",
                  "--out", str(session.work / "plain-generation")], need_s=60 if not session.cpu else 10)
 
 
-def single(session: Session) -> dict[str, Any]:
+VIEWS = {0.0: 5, 0.25: 7, 0.5: 9}   # fov 90, one pitch row: tiles + the global view
+
+
+# The single-GPU session, in order of value (each item skipped once the deadline is too close):
+#   ("vlm", part, resampler, views, profile) | ("harness", resampler, views, with generation) | ("plain", resampler,
+#   views) | ("generations",) the other cells' generations | ("report",)
+SINGLE_PLAN: list[tuple[Any, ...]] = [
+    ("vlm", "a", "mlp", 5, True), ("harness", "mlp", 5, True), ("harness", "mlp", 9, False), ("plain", "mlp", 5),
+    ("harness", "bimamba", 5, False), ("vlm", "c", "bimamba", 5, False), ("harness", "bimamba", 9, False),
+    ("vlm", "b", "mlp", 9, False), ("generations",), ("report",)]
+# What the DDP call does with the time it has left (run_ddp_session.sh, EXTRAS=1): the rows a full single session
+# may not reach in its ten minutes, on GPU 0 of the two-GPU machine (the same H200 model).
+EXTRAS_PLAN: list[tuple[Any, ...]] = [
+    ("vlm", "c", "bimamba", 5, False), ("harness", "bimamba", 5, True), ("plain", "bimamba", 5),
+    ("harness", "bimamba", 9, False), ("vlm", "b", "mlp", 9, False)]
+# The CPU mode's cells (every step still runs; CI time): mlp at 5 and 9 views for the single session, bimamba at 5
+# views for the extras. bimamba through the whole workflow: tests/workflow/test_gpu_speed_config.py's smoke test.
+CPU_CELLS = {"single": {"matrix": {"overlaps": [0.0, 0.5], "resamplers": ["mlp"]}},
+             "extras": {"matrix": {"overlaps": [0.0], "resamplers": ["bimamba"]}}}
+
+
+def single(session: Session, kind: str = "single") -> dict[str, Any]:
+    """The single-GPU session (``kind`` "single") or the extras the DDP call runs afterwards ("extras")."""
     configs = with_cpu_overlay(SESSION_CONFIGS, session.cpu)
     if session.cpu:
         import yaml
 
-        cut = session.work / "cpu-session-cells.yaml"
-        cut.write_text(yaml.safe_dump(CPU_SESSION_CELLS))
+        cut = session.work / f"cpu-{kind}-cells.yaml"
+        cut.write_text(yaml.safe_dump(CPU_CELLS[kind]))
         configs.append(str(cut))
     wf = pm.load_workflow(configs, ROOT)
-    env = environment(session)
-    naive_step(session)
+    if kind == "single":
+        env = environment(session)
+        naive_step(session)
+    else:
+        env = json.loads((session.out / "env.json").read_text())
     # The tokenizer vlm_step.py builds with: the materialize rule, named by rule (not by an output file).
     session.run("prepare data and tokenizer",
                 [sys.executable, "-m", "snakemake", "--until", "materialize_models", "fingerprint_data", "--cores",
                  "2" if session.cpu else "16", "--scheduler", "greedy", "--configfile", *configs], need_s=30)
-    vlm_step(session, configs, "a", "mlp", "5", "compile", profile=True, need_s=150)
     cells = session_cells(wf)
-    # After harness cell i, the vlm_step.py row it is compared with (the 5-view mlp row ran above); rows whose cell
-    # is not in the matrix (the CPU mode has fewer cells) run after the loop.
-    compare = {1: ("b", "mlp", "9"), 2: ("c", "bimamba", "5")}
-    for i, cell in enumerate(cells):
-        session.snakemake(f"harness {cell.cell_id}", cell_targets(wf, cell, generation=i == 0), configs,
-                          need_s=90 if i == 0 else 70)
-        if i == 0:
-            plain_generation(session, wf, cell)
-        if i in compare:
-            vlm_step(session, configs, *compare.pop(i), "compile", profile=False, need_s=80)
-    for part, resampler, views in compare.values():
-        vlm_step(session, configs, part, resampler, views, "compile", profile=False, need_s=80)
-    # The report needs every cell's generation: the other cells' come last, as far as time allows.
-    later = [t for cell in cells[1:] for t in cell_targets(wf, cell, generation=True) if t.endswith("generation.json")]
-    if later:
-        session.snakemake("generation of the other cells", later, configs, need_s=60 * len(later) if not session.cpu
-                          else 20)
-    if all((ROOT / t).is_file() for cell in cells for t in cell_targets(wf, cell, generation=True)):
-        session.snakemake("report", [f"{pm.report_dir(wf)}/report.html"], configs, need_s=45)
-    else:
-        session.steps.append({"step": "report", "status": "skipped (not every cell finished)", "seconds": 0.0})
-    return collect_single(session, wf, env, cells, configs)
+    by_key = {(c.resampler, VIEWS.get(c.overlap)): c for c in cells}
+    generated: list[pm.Cell] = []
+    for item in SINGLE_PLAN if kind == "single" else EXTRAS_PLAN:
+        what, args = item[0], item[1:]
+        if what == "vlm":
+            part, resampler, views, profile = args
+            vlm_step(session, configs, part, resampler, str(views), "compile", profile=profile,
+                     need_s=150 if profile else 80)
+        elif what == "harness" and (args[0], args[1]) in by_key:
+            cell = by_key[(args[0], args[1])]
+            session.snakemake(f"harness {cell.cell_id}", cell_targets(wf, cell, generation=args[2]), configs,
+                              need_s=90 if args[2] else 70)
+            generated += [cell] if args[2] else []
+        elif what == "plain" and (args[0], args[1]) in by_key:
+            plain_generation(session, wf, by_key[(args[0], args[1])])
+        elif what == "generations":
+            # The report needs every cell's generation: the other cells' come last, as far as time allows.
+            later = [t for cell in cells if cell not in generated
+                     for t in cell_targets(wf, cell, generation=True) if t.endswith("generation.json")]
+            if later:
+                session.snakemake("generation of the other cells", later, configs,
+                                  need_s=20 if session.cpu else 60 * len(later))
+        elif what == "report":
+            if all((ROOT / t).is_file() for cell in cells for t in cell_targets(wf, cell, generation=True)):
+                session.snakemake("report", [f"{pm.report_dir(wf)}/report.html"], configs, need_s=45)
+            else:
+                session.steps.append({"step": "report", "status": "skipped (not every cell finished)",
+                                      "seconds": 0.0})
+    plain_cell = next((by_key.get((i[1], i[2])) for i in (SINGLE_PLAN if kind == "single" else EXTRAS_PLAN)
+                       if i[0] == "plain" and (i[1], i[2]) in by_key), None)
+    return collect_single(session, wf, env, cells, configs, kind, plain_cell)
 
 
 def ddp(session: Session) -> dict[str, Any]:
@@ -257,7 +293,11 @@ def ddp(session: Session) -> dict[str, Any]:
         records[key] = {"name": wf["name"], "configs": configs,
                         "finetune": _read(ROOT / pm.stage_dir(wf, cell.cell_id, "finetune", cell.resampler)
                                           / "measurements.json")}
-    return collect_ddp(session, env, records)
+    summary = collect_ddp(session, env, records)
+    if os.environ.get("EXTRAS", "1") != "0":
+        session.steps = []
+        single(session, "extras")
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ collection
@@ -305,12 +345,14 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
 
 
 def collect_single(session: Session, wf: dict[str, Any], env: dict[str, Any], cells: list[pm.Cell],
-                   configs: list[str]) -> dict[str, Any]:
-    naive = (_read(session.out / "naive_step.json") or {}).get("results", [])
+                   configs: list[str], kind: str, plain_cell: pm.Cell | None) -> dict[str, Any]:
+    """summary.json/.md and harness.tar.gz (``kind`` "single"), or extras_summary.* and extras-harness.tar.gz."""
+    prefix = "" if kind == "single" else "extras_"
+    naive = (_read(session.out / "naive_step.json") or {}).get("results", []) if kind == "single" else []
     vlm_parts = [_read(p) for p in sorted(session.work.glob("vlm_step-*.json"))]
     vlm_rows = [row for part in vlm_parts if part for row in part["rows"]]
     profiles = {k: v for part in vlm_parts if part for k, v in part.get("profiles", {}).items()}
-    if vlm_parts and vlm_parts[0]:
+    if kind == "single" and vlm_parts and vlm_parts[0]:
         merged = {k: v for k, v in vlm_parts[0].items() if k not in ("rows", "profiles")}
         (session.out / "vlm_step.json").write_text(json.dumps({**merged, "rows": vlm_rows, "profiles": profiles},
                                                               indent=1) + "\n")
@@ -325,16 +367,16 @@ def collect_single(session: Session, wf: dict[str, Any], env: dict[str, Any], ce
             if rec:
                 generation.append({"cell_id": cell.cell_id, "resampler": cell.resampler, **rec})
     plain = _read(session.work / "plain-generation" / "generation.json")
-    agreement = _agreement(ROOT / pm.eval_dir(wf, cells[0].cell_id, "finetune") / "predictions.csv",
-                           session.work / "plain-generation" / "predictions.csv") if cells else None
+    agreement = _agreement(ROOT / pm.eval_dir(wf, plain_cell.cell_id, "finetune") / "predictions.csv",
+                           session.work / "plain-generation" / "predictions.csv") if plain_cell else None
 
-    first, nine = (cells[0], next((c for c in cells if c.resampler == cells[0].resampler and c.overlap > 0), None)) \
-        if cells else (None, None)
-    head = _find(harness, cell_id=first.cell_id, stage="finetune") if first else None
-    head9 = _find(harness, cell_id=nine.cell_id, stage="finetune") if nine else None
+    def stage3(resampler: str, views: int) -> dict[str, Any] | None:
+        return _find(harness, resampler=resampler, views=views, stage="finetune")
+
+    head, head9 = stage3("mlp", 5), stage3("mlp", 9)
     naive5 = _find(naive, stage=3, views=5, status="ok")
     vlm5 = _find(vlm_rows, variant="compile", resampler="mlp", views=5, status="ok")
-    gen = _find(generation, cell_id=first.cell_id, stage="finetune") if first else None
+    gen = _find(generation, stage="finetune", resampler="mlp") or _find(generation, stage="finetune")
     targets = [
         _target("harness stage 3 samples/s / naive step samples/s (batch 8, 5 views, mlp)",
                 _ratio(head and head["samples_per_s"], naive5 and naive5["samples_per_s"]),
@@ -346,7 +388,8 @@ def collect_single(session: Session, wf: dict[str, Any], env: dict[str, Any], ce
                 THRESHOLDS["vlm_step_vs_harness"], at_most=True),
         _target("MFU, datasheet dense bf16 peak (stage 3, batch 8, 5 views, mlp)", head and head["mfu"],
                 THRESHOLDS["mfu"]),
-        _target("generation decode tokens/s (batch 32, finetuned 5-view mlp)", gen and gen["decode_tokens_per_s"],
+        _target(f"generation decode tokens/s (batch {gen['batch_size'] if gen else 32}, "
+                f"{gen['cell_id'] if gen else 'finetuned cell'})", gen and gen["decode_tokens_per_s"],
                 THRESHOLDS["decode_tokens_per_s"]),
         {"target": "9 views train (stage 3, batch 8, mlp)", "value": head9 and head9["samples_per_s"],
          "threshold": None, "direction": "runs", "met": None if head9 is None else head9["samples_per_s"] is not None},
@@ -354,18 +397,21 @@ def collect_single(session: Session, wf: dict[str, Any], env: dict[str, Any], ce
     # The gradient-checkpointing rule's constant (benchmarks/README.md): LM activation memory per LM token, from the
     # 5- and 9-view stage-3 rows of one resampler (same batch; only the sequence length differs).
     per_token = None
-    if head and head9 and head["peak_gpu_allocated_gib"] and head9["peak_gpu_allocated_gib"]:
-        tokens = head["batch"] * (_tokens(head9) - _tokens(head))
-        per_token = 1024 * (head9["peak_gpu_allocated_gib"] - head["peak_gpu_allocated_gib"]) / tokens if tokens \
-            else None
-    summary = {"kind": "single", "mode": env["mode"], "git_revision": env["git_revision"], "env": env,
-               "activation_mib_per_lm_token": per_token,
-               "configs": configs, "steps": session.steps, "targets": targets,
-               "naive": naive, "vlm_step": vlm_rows, "harness": harness, "generation": generation,
-               "generation_plain": plain, "fast_vs_plain_identical_predictions": agreement}
-    (session.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (session.out / "summary.md").write_text(single_markdown(summary))
-    pack_harness(session.out / "harness.tar.gz", [wf["name"]], extra=[session.work / "plain-generation"])
+    for resampler in ("mlp", "bimamba"):
+        five, nine = stage3(resampler, 5), stage3(resampler, 9)
+        if per_token is None and five and nine and five["peak_gpu_allocated_gib"] and nine["peak_gpu_allocated_gib"]:
+            tokens = five["batch"] * (_tokens(nine) - _tokens(five))
+            per_token = 1024 * (nine["peak_gpu_allocated_gib"] - five["peak_gpu_allocated_gib"]) / tokens \
+                if tokens else None
+    summary = {"kind": kind, "mode": env["mode"], "git_revision": env["git_revision"], "env": env,
+               "activation_mib_per_lm_token": per_token, "configs": configs, "steps": session.steps,
+               "targets": targets, "naive": naive, "vlm_step": vlm_rows, "harness": harness, "generation": generation,
+               "generation_plain": plain, "generation_plain_cell": plain_cell.cell_id if plain_cell else None,
+               "fast_vs_plain_identical_predictions": agreement}
+    (session.out / f"{prefix}summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (session.out / f"{prefix}summary.md").write_text(single_markdown(summary))
+    pack_harness(session.out / f"{prefix.replace('_', '-')}harness.tar.gz", [wf["name"]],
+                 extra=[session.work / "plain-generation"])
     return summary
 
 
@@ -436,7 +482,8 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
 
 def single_markdown(s: dict[str, Any]) -> str:
     gpu = s["env"]["gpus"][0] if s["env"]["gpus"] else {}
-    lines = [f"Session of revision `{s['git_revision']}` (source digest `{s['env']['source_digest'][:16]}`), mode "
+    title = "Session" if s["kind"] == "single" else "Single-GPU rows measured by the DDP call after its DDP part"
+    lines = [f"{title} of revision `{s['git_revision']}` (source digest `{s['env']['source_digest'][:16]}`), mode "
              f"{s['mode']}, device {gpu.get('name', 'CPU')} "
              f"(datasheet dense bf16 {_fmt(gpu.get('datasheet_bf16_dense_flops'))} FLOP/s, measured bf16 matmul "
              f"{_fmt(gpu.get('measured_bf16_matmul_flops'))} FLOP/s); configs {', '.join(s['configs'])}.", "",
@@ -462,7 +509,7 @@ def single_markdown(s: dict[str, Any]) -> str:
     lines += ["", "| generation | batch | prefill s/sample | decode tokens/s | end-to-end tokens/s | static cache | "
               "compiled decode | LoRA merged | warm-up s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     plain = s.get("generation_plain")
-    for r in s["generation"] + ([{**plain, "cell_id": "same, plain path"}] if plain else []):
+    for r in s["generation"] + ([{**plain, "cell_id": f"{s['generation_plain_cell']}, plain path"}] if plain else []):
         lines.append(f"| {r['cell_id']} {r['stage']} | {r['batch_size']} | {_fmt(r['prefill_s_per_sample'])} | "
                      f"{_fmt(r['decode_tokens_per_s'])} | {_fmt(r['end_to_end_tokens_per_s'])} | "
                      f"{_fmt(r['static_cache'])} | {_fmt(r['compiled_decode'])} | {_fmt(r['lora_merged'])} | "
@@ -521,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("fill-readme")
     p.add_argument("--summary", type=Path, required=True)
     p.add_argument("--readme", type=Path, default=ROOT / "reports" / "gpu-speed" / "README.md")
-    p.add_argument("--block", choices=["session", "ddp"], default="session",
-                   help="which placeholder block: session (summary.md) or ddp (ddp_summary.md)")
+    p.add_argument("--block", choices=["session", "ddp", "extras"], default="session",
+                   help="which placeholder block: session (summary.md), ddp (ddp_summary.md), extras "
+                        "(extras_summary.md)")
     args = ap.parse_args(argv)
     if args.command == "fill-readme":
         fill_readme(args.summary, args.readme, args.block)
@@ -536,8 +584,13 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(args.out, work, args.cpu, args.deadline_epoch or time.time() + 570)
     run: Callable[[Session], dict[str, Any]] = single if args.command == "single" else ddp
     summary = run(session)
-    print((args.out / ("summary.md" if args.command == "single" else "ddp_summary.md")).read_text(), flush=True)
-    failed = [s for s in summary["steps"] if s["status"] not in ("ok",) and not s["status"].startswith("skipped")]
+    steps = list(summary["steps"])
+    for name in (["summary.md"] if args.command == "single" else ["ddp_summary.md", "extras_summary.md"]):
+        if (args.out / name).is_file():
+            print((args.out / name).read_text(), flush=True)
+    if args.command == "ddp" and (args.out / "extras_summary.json").is_file():
+        steps += json.loads((args.out / "extras_summary.json").read_text())["steps"]
+    failed = [s for s in steps if s["status"] != "ok" and not s["status"].startswith("skipped")]
     return 1 if failed else 0
 
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The two-GPU (DDP) session in ONE device call on nvidia-h200-x2 (about 5 minutes), or its CPU mode (2 gloo processes):
+# The two-GPU (DDP) session in ONE device call on nvidia-h200-x2 (about 9.5 minutes with the extras), or its CPU mode:
 #
-#   bash benchmarks/device/run_ddp_session.sh          # on the lent nvidia-h200-x2, from the repository root, with the wheels
-#                                                      # of benchmarks/device/prepare_wheels.sh carried (.whl, .gpuwheels)
+#   bash benchmarks/device/run_ddp_session.sh          # on the lent nvidia-h200-x2, from the repository root, with the
+#                                                      # wheels of benchmarks/device/prepare_wheels.sh carried (.whl,
+#                                                      # .gpuwheels: the extras run bimamba's fused kernels)
 #   bash benchmarks/device/run_ddp_session.sh --cpu    # the same steps at tiny dimensions on the CPU
 #
 # benchmarks/device/gpu_session.py does the work (its docstring lists the steps); this wrapper installs what the
-# device lacks and keeps the whole log. $OUT receives ddp-session.log, env.json, ddp_summary.json, ddp_summary.md and
-# ddp-harness.tar.gz (5 files).
-# Knobs: OUT (default ./ddp-session-out), DEADLINE (seconds from start by which every step has ended; 575),
+# device lacks and keeps the whole log. $OUT receives ddp-session.log, env.json, ddp_summary.json, ddp_summary.md,
+# ddp-harness.tar.gz and, with the time left (EXTRAS=0 skips it), extras_summary.json, extras_summary.md and
+# extras-harness.tar.gz: single-GPU rows on GPU 0 (8 files, the device tool's limit).
+# Knobs: EXTRAS (1; 0 = the DDP part only), OUT (default ./ddp-session-out), DEADLINE (seconds from start by which
+# every step has ended; 575),
 # WORK (intermediate files; default a temporary folder), PYTHON (default python3).
 set -uo pipefail
 CPU=()
