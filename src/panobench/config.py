@@ -127,7 +127,7 @@ class EvalConfig:
     spice: Literal["auto", "on", "off"] = "auto"
     # Greedy fast path (num_beams 1, no sampling): the same tokens as plain generate, faster.
     static_cache: bool = True                # preallocated KV cache; fixed shapes (prompts left-padded to the
-    # longest of the eval set, a short last batch filled with repeats whose outputs are dropped)
+    # longest of the eval set; with a compiled decode step, a short last batch filled with dropped repeats)
     compile: bool | None = None              # torch.compile the decode step (needs static_cache); None = runtime.compile
     merge_lora: bool = True                  # fold LoRA into the LM weights before generating (stage-3 weights)
 

@@ -33,21 +33,23 @@ def _fresh_models():
     gen._LOADED.clear()
 
 
-@pytest.mark.parametrize("merge_lora", [True, False])
-def test_fast_path_gives_the_plain_greedy_tokens(trained_cell, tmp_path: Path, merge_lora: bool) -> None:
-    # Batch 3 over 8 groups: the last batch is filled (2 repeats), and prompts differ in length across batches.
+@pytest.mark.parametrize(("merge_lora", "compile_decode"), [(True, True), (False, True), (True, False)])
+def test_fast_path_gives_the_plain_greedy_tokens(trained_cell, tmp_path: Path, merge_lora: bool,
+                                                 compile_decode: bool) -> None:
+    # Batch 3 over 8 groups: a short last batch (filled with 2 repeats for the compiled decode step), and prompts
+    # that differ in length across batches.
     plain, plain_rec = _predictions(_with_eval(trained_cell.cfg, 3, **PLAIN), "finetune", tmp_path / "plain")
-    fast_cfg = _with_eval(trained_cell.cfg, 3, **{**FAST, "merge_lora": merge_lora})
+    fast_cfg = _with_eval(trained_cell.cfg, 3, **{**FAST, "merge_lora": merge_lora, "compile": compile_decode})
     fast, fast_rec = _predictions(fast_cfg, "finetune", tmp_path / "fast")
     assert fast == plain
     assert plain_rec["static_cache"] is False and plain_rec["compiled_decode"] is False
-    assert plain_rec["lora_merged"] is False
-    assert fast_rec["static_cache"] is True and fast_rec["compiled_decode"] is True
+    assert plain_rec["lora_merged"] is False and plain_rec["padded_rows"] == 0
+    assert fast_rec["static_cache"] is True and fast_rec["compiled_decode"] is compile_decode
     assert fast_rec["compile_error"] is None and fast_rec["lora_merged"] is merge_lora
-    assert fast_rec["padded_rows"] == -len(plain) % 3 and plain_rec["padded_rows"] == 0
+    assert fast_rec["padded_rows"] == (-len(plain) % 3 if compile_decode else 0)
     # The warm-up compiled the decode step for the one shape every timed batch has: no recompilation while timed.
-    assert fast_rec["graphs_compiled_in_warmup"] > 0 and fast_rec["graphs_compiled_while_timed"] == 0
-    assert plain_rec["graphs_compiled_in_warmup"] == 0
+    assert (fast_rec["graphs_compiled_in_warmup"] > 0) is compile_decode
+    assert fast_rec["graphs_compiled_while_timed"] == 0 and plain_rec["graphs_compiled_in_warmup"] == 0
 
 
 def test_untrained_baseline_has_no_lora_to_merge(trained_cell, tmp_path: Path) -> None:

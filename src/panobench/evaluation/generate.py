@@ -10,10 +10,11 @@ much the image helps. Writes ``predictions.csv`` and
 Speed. Greedy decoding (``num_beams`` 1, no sampling) takes a fast path that yields the same tokens: LoRA folded
 into the LM weights (``eval.merge_lora``), a preallocated KV cache reused by every batch (``eval.static_cache``),
 fixed shapes (prompts left-padded to the longest of the eval set — position ids follow the mask, so real tokens
-see exactly what they saw before — and a short last batch filled with repeats whose outputs are dropped) and,
-with ``eval.compile`` (default ``runtime.compile``), a compiled decode step. Each timed batch is split at the first
+see exactly what they saw before) and, with ``eval.compile`` (default ``runtime.compile``), a compiled decode step,
+for which a short last batch is filled with repeats whose outputs are dropped. Each timed batch is split at the first
 new token: prefill = vision encoding + prompt prefill, decode = the rest. One untimed warm-up batch is paid once
-per loaded model: the ``finetune`` and ``blind`` stages of one process share the model, its cache and its warm-up.
+per loaded model (one row on a CPU without compilation, where first-call costs do not depend on the batch): the
+``finetune`` and ``blind`` stages of one process share the model, its cache and its warm-up.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _static_cache(loaded: _Loaded, rows: int, length: int) -> Any:
 
 
 def _fix_shapes(batch: dict[str, Any], prompt_len: int, rows: int, pad_id: int) -> dict[str, Any]:
-    """Left-pad prompts to ``prompt_len`` and fill the batch to ``rows`` with repeats of its last row."""
+    """Left-pad prompts to ``prompt_len`` and fill the batch to ``rows`` (0: leave it) with repeats of its last row."""
     ids, mask, erp = batch["input_ids"], batch["attention_mask"], batch["erp"]
     extra = prompt_len - ids.shape[1]
     if extra > 0:
@@ -211,13 +212,19 @@ def generate_predictions(cfg: RunConfig, stage: str, out_dir: str | Path, *, csv
                                   on_prefilled=on_prefilled, **fast)
 
     def shaped(batch: dict[str, Any]) -> dict[str, Any]:
-        return _fix_shapes(batch, prompt_len, rows_per_batch, model.pad_id) if static else batch
+        # Filled rows only for the compiled decode step, whose graphs are made for one batch shape; otherwise a
+        # short last batch just gets a cache of its own size.
+        rows = rows_per_batch if loaded.compiled else 0
+        return _fix_shapes(batch, prompt_len, rows, model.pad_id) if static else batch
 
     warmup_s, warmup_graphs = None, None
     if not loaded.warm and indices:
         # Untimed: first-call costs (CUDA context, kernel selection, compilation, cache allocation) stay out of the
         # speed figures. A compile failure falls back to the eager decode step, recorded in generation.json.
         first = shaped(next(iter(loader)))
+        if device.type == "cpu" and not loaded.compiled:
+            # Without compilation a CPU's first-call costs do not depend on the batch: one row warms it up.
+            first = {k: v[:1] for k, v in first.items()}
         graphs = _dynamo_graphs()
         t0 = time.perf_counter()
         try:
