@@ -135,23 +135,23 @@ def environment(session: Session) -> dict[str, Any]:
 
     env: dict[str, Any] = {"mode": "cpu" if session.cpu else "gpu", "versions": package_versions(),
                            "git_revision": git_revision(ROOT), "source_digest": source_digest(), "gpus": []}
-    if not session.cpu:
-        for i in range(torch.cuda.device_count()):
-            name = torch.cuda.get_device_name(i)
-            peak, part = datasheet_peak_flops(name)
-            env["gpus"].append({"index": i, "name": name, "datasheet_bf16_dense_flops": peak, "datasheet_part": part,
-                                "measured_bf16_matmul_flops": measure_bf16_matmul_peak(torch.device("cuda", i))})
-            with torch.cuda.device(i):
-                torch.cuda.empty_cache()   # the jobs that follow get the whole GPU
-        try:
-            import selective_scan_cuda  # noqa: F401  the fused Mamba scan; fails on an ABI mismatch with torch
-            env["mamba_ssm_fused"] = True
-        except ImportError as err:
-            env["mamba_ssm_fused"] = f"not importable: {err}"
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            env["nvidia_smi"] = subprocess.run([smi, "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm",
-                                                "--format=csv,noheader"], capture_output=True, text=True).stdout
+    # The same code in the CPU mode, where it finds no GPU, no fused kernel and no nvidia-smi.
+    for i in range(torch.cuda.device_count() if not session.cpu else 0):
+        name = torch.cuda.get_device_name(i)
+        peak, part = datasheet_peak_flops(name)
+        env["gpus"].append({"index": i, "name": name, "datasheet_bf16_dense_flops": peak, "datasheet_part": part,
+                            "measured_bf16_matmul_flops": measure_bf16_matmul_peak(torch.device("cuda", i))})
+        with torch.cuda.device(i):
+            torch.cuda.empty_cache()   # the jobs that follow get the whole GPU
+    try:
+        import selective_scan_cuda  # noqa: F401  the fused Mamba scan; fails on an ABI mismatch with torch
+        env["mamba_ssm_fused"] = True
+    except ImportError as err:
+        env["mamba_ssm_fused"] = f"not importable: {err}"
+    smi = shutil.which("nvidia-smi")
+    if smi and not session.cpu:
+        env["nvidia_smi"] = subprocess.run([smi, "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm",
+                                            "--format=csv,noheader"], capture_output=True, text=True).stdout
     (session.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     print(json.dumps(env, indent=2), flush=True)
     return env
