@@ -30,9 +30,11 @@ Everything kept lands in ``--out`` as at most 8 plain files (the device tool's l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -87,11 +89,19 @@ class Session:
             return False
         print(f"=== [{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
+        # Its own process group: at the deadline the step's whole tree (Snakemake and its jobs) is stopped, so
+        # nothing keeps the GPU or writes files while the collection reads them.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env or self.env, timeout=max(1.0, self.left()))
-            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            status = "ok" if proc.wait(timeout=max(1.0, self.left())) == 0 else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
             status = "stopped at the deadline"
+            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=grace)
+                    break
         seconds = time.time() - t0
         print(f"=== {name}: {status} after {seconds:.0f} s", flush=True)
         self.steps.append({"step": name, "status": status, "seconds": round(seconds, 1)})
