@@ -103,7 +103,8 @@ class StageConfig:
     limit_val_batches: int = 4
     checkpoint_every_n_steps: int = 25       # last.ckpt interval: what an interrupted run resumes from
     train_resampler: bool = True             # finetune only: keep training the resampler
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False     # recompute LM decoder layers in backward (see docs of the GPU configs)
+    compile: bool | None = None              # torch.compile this stage's transformer blocks; None = runtime.compile
     vicreg_sim_weight: float = 25.0          # vision only: VICReg invariance/variance/covariance weights
     vicreg_var_weight: float = 25.0
     vicreg_cov_weight: float = 1.0
@@ -124,6 +125,11 @@ class EvalConfig:
     do_sample: bool = False
     batch_size: int = 16
     spice: Literal["auto", "on", "off"] = "auto"
+    # Greedy fast path (num_beams 1, no sampling): the same tokens as plain generate, faster.
+    static_cache: bool = True                # preallocated KV cache; fixed shapes (prompts left-padded to the
+    # longest of the eval set; with a compiled decode step, a short last batch filled with dropped repeats)
+    compile: bool | None = None              # torch.compile the decode step (needs static_cache); None = runtime.compile
+    merge_lora: bool = True                  # fold LoRA into the LM weights before generating (stage-3 weights)
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,11 @@ class RuntimeConfig:
     devices: int = 1                         # > 1: Lightning DDP
     precision: str = "32-true"               # Lightning precision, e.g. "bf16-mixed" on GPUs
     deterministic: bool = True               # torch deterministic algorithms (CPU runs are bit-reproducible)
-    measure_flops: bool = True               # count FLOPs of one step with torch.utils.flop_counter
+    measure_flops: bool = True               # count model FLOPs of one step (panobench.measurement.flops)
     measure_warmup_steps: int = 2            # steps excluded from step-time statistics
-    device_peak_tflops: float | None = None  # bf16 dense peak for MFU; None = look up by device name
-    compile: bool = False                    # torch.compile each LM and vision transformer block (GPU runs)
+    device_peak_tflops: float | None = None  # dense bf16 peak for MFU; None = the datasheet table by device name
+    compile: bool = False                    # torch.compile each LM and vision transformer block (inductor on
+    # CUDA; aot_eager on CPU: the same tracing path without code generation) and the eval decode step
 
 
 @dataclass(frozen=True)

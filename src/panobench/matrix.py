@@ -192,6 +192,27 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def _fill_defaults(data: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Fill missing properties with their schema defaults, recursively into objects (as Snakemake's validate)."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in data and "default" in sub:
+            data[key] = copy.deepcopy(sub["default"])
+        if isinstance(data.get(key), dict) and isinstance(sub, dict):
+            _fill_defaults(data[key], sub)
+
+
+def load_workflow(configfiles: list[str | Path], root: str | Path = ".") -> dict[str, Any]:
+    """The workflow config Snakemake builds for ``snakemake --configfile FILES...`` in ``root``: the Snakefile's
+    ``config/config.yaml``, then each file deep-merged in order, then the schema's defaults. Scripts that name
+    Snakemake targets derive them from this, so they name exactly what the rules produce."""
+    root = Path(root)
+    wf = yaml.safe_load((root / "config" / "config.yaml").read_text(encoding="utf-8")) or {}
+    for path in configfiles:
+        wf = _deep_merge(wf, yaml.safe_load(resolve_path(str(path), root).read_text(encoding="utf-8")) or {})
+    _fill_defaults(wf, yaml.safe_load((root / "config" / "schema.yaml").read_text(encoding="utf-8")))
+    return wf
+
+
 def _resolve(wf: dict[str, Any], experiment: str, overlap: float, resampler: str, seed: int,
              vis: VisionCheckpoint | None) -> dict[str, Any]:
     run = copy.deepcopy(wf.get("run", {}))

@@ -271,6 +271,10 @@ class PanoramaCaptionDataset(Dataset):
         without decoding an image."""
         return [{k: v for k, v in sample.items() if k != "path"} for sample in self._samples]
 
+    def query(self, index: int) -> str:
+        """The query of sample ``index``, without decoding its image (generation sizes its prompts from these)."""
+        return str(self._samples[index]["query"])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self._samples[index]
         try:

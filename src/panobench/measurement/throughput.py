@@ -1,8 +1,7 @@
-"""Speed, memory and cost measurement: step-time statistics, peak memory, counted FLOPs, MFU.
+"""Speed and memory measurement: step-time statistics, peak memory, the device's measured bf16 matmul rate.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one real forward+backward step (not
-estimated by hand). MFU = counted FLOPs per step / median step time / the device's bf16 dense peak, where the peak
-is measured on the device (a large bf16 matmul) unless the config gives it.
+Model FLOPs and the MFU convention live in :mod:`panobench.measurement.flops`; the measured matmul rate here is
+only the denominator of the separately named ``mfu_measured_peak``.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 logger = logging.getLogger(__name__)
 
@@ -53,53 +50,44 @@ def peak_gpu_memory_gib() -> dict[str, float | None]:
             "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
-def count_flops(step: Callable[[], Any]) -> int | None:
-    """FLOPs of one call of ``step`` (forward and backward if it calls backward); None, logged, when torch's
-    counter cannot count an op (seen on an H200, torch 2.11: SDPA with grouped-query heads and no mask, i.e. Qwen3
-    at batch 1, asserts in ``sdpa_flop_count``): MFU is then reported as null, never estimated."""
-    try:
-        with FlopCounterMode(display=False) as counter:
-            step()
-    except AssertionError as err:
-        logger.warning("FLOPs not counted (torch flop counter: %s); MFU will be null", err)
-        return None
-    return int(counter.get_total_flops())
-
-
 _PEAK_CACHE: dict[str, float] = {}
 
 
 def measure_bf16_matmul_peak(device: torch.device | str = "cuda", n: int = 8192, repeats: int = 10) -> float:
-    """Measured bf16 dense matmul throughput (FLOP/s) on ``device``: the MFU denominator."""
+    """Measured bf16 dense matmul throughput (FLOP/s) on ``device``: the denominator of ``mfu_measured_peak``.
+
+    Random operands (zeros run faster on Hoppers), three untimed products, then the mean of ``repeats`` timed with
+    CUDA events on that device's stream.
+    """
+    device = torch.device(device)
     key = str(device)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        a @ b
-    end.record()
-    torch.cuda.synchronize(device)
-    seconds = start.elapsed_time(end) / 1000.0 / repeats
+    with torch.cuda.device(device):
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = start.elapsed_time(end) / 1000.0 / repeats
+    del a, b
     peak = 2.0 * n**3 / seconds
     _PEAK_CACHE[key] = peak
     logger.info("measured bf16 matmul peak on %s: %.1f TFLOP/s", torch.cuda.get_device_name(device), peak / 1e12)
     return peak
 
 
-def device_peak_flops(configured_tflops: float | None) -> float | None:
-    """The MFU denominator: the configured value, else measured on CUDA, else None (CPU: MFU not reported)."""
-    if configured_tflops:
-        return configured_tflops * 1e12
-    if torch.cuda.is_available():
-        return measure_bf16_matmul_peak()
-    return None
+def measured_peak_flops() -> float | None:
+    """The bf16 matmul rate measured on this process's CUDA device; None on a CPU."""
+    return measure_bf16_matmul_peak(torch.device("cuda", torch.cuda.current_device())) \
+        if torch.cuda.is_available() else None
 
 
 class StepClock:

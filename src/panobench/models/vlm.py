@@ -9,7 +9,9 @@ most of the memory of the naive step), via the decoder's hidden states and the L
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -173,8 +175,14 @@ class PanoVLM(nn.Module):
         embeds, mask, labels = self._merge(input_ids, attention_mask, vision, labels)
         causal = self.causal_lm()
         decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
+        # Training batches are right-padded (TrainCollator): under the causal mask no real token attends to a later
+        # pad, and pad positions carry no target, so the padding mask changes nothing the loss reads. Without it
+        # the decoder takes SDPA's causal path (flash kernel, grouped-query K/V used as they are) instead of a
+        # materialised [B, 1, L, L] mask (memory-efficient kernel, K/V repeated per query head). The contract is
+        # checked on the device, without a host sync; a left-padded batch would fail here, not train wrongly.
+        torch._assert_async((mask[:, 1:] <= mask[:, :-1]).all(), "PanoVLM.forward needs right-padded batches")
         # use_cache=False: training needs no KV cache (the decoder would otherwise build one every step).
-        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state  # [B, L', D]
+        hidden = decoder(inputs_embeds=embeds, attention_mask=None, use_cache=False).last_hidden_state  # [B, L', D]
         targets = labels[:, 1:]
         select = targets != IGNORE_INDEX
         h = hidden[:, :-1][select]                                        # [M, D] rows with a target
@@ -185,11 +193,48 @@ class PanoVLM(nn.Module):
     @torch.no_grad()
     def generate(self, erp: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  max_new_tokens: int, num_beams: int = 1, do_sample: bool = False,
-                 eos_token_id: list[int] | int | None = None) -> torch.Tensor:
-        """Greedy/beam decoding with KV cache from left-padded prompts; returns only the new token ids [B, n]."""
+                 eos_token_id: list[int] | int | None = None, cache: Any = None, compile_config: Any = None,
+                 on_prefilled: Callable[[], None] | None = None) -> torch.Tensor:
+        """Greedy/beam decoding with KV cache from left-padded prompts; returns only the new token ids [B, n].
+
+        Args:
+            cache: a preallocated KV cache (``transformers.StaticCache``) to decode into, reset by the caller;
+                None = transformers' growing dynamic cache.
+            compile_config: ``transformers.CompileConfig`` for the decode step (the prefill stays eager); only with
+                a static ``cache``. None = no compilation (also with a static cache, which transformers would
+                otherwise compile on its own on a GPU).
+            on_prefilled: called once, right after the prefill's logits exist and before the first token is
+                chosen: the caller's clock for the prefill / decode split. It sees logits, never changes them.
+        """
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class _Prefilled(LogitsProcessor):
+            def __init__(self) -> None:
+                self.done = False
+
+            def __call__(self, ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+                if not self.done and on_prefilled is not None:
+                    self.done = True
+                    on_prefilled()
+                return scores
+
         vision = self.encode_images(erp)
         embeds, mask, _ = self._merge(input_ids, attention_mask, vision)
         causal = self.causal_lm()
+        extra: dict[str, Any] = {"disable_compile": compile_config is None}
+        if compile_config is not None:
+            extra["compile_config"] = compile_config
+        if cache is not None:
+            extra[cache_argument(causal)] = cache
+        if on_prefilled is not None:
+            extra["logits_processor"] = LogitsProcessorList([_Prefilled()])
         return causal.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                num_beams=num_beams, do_sample=do_sample, eos_token_id=eos_token_id,
-                               pad_token_id=self.pad_id, use_cache=True)
+                               pad_token_id=self.pad_id, use_cache=True, **extra)
+
+
+def cache_argument(causal_lm: nn.Module) -> str:
+    """The keyword a causal LM takes its KV cache by: ``cache`` in newer transformers 5 releases, before that
+    ``past_key_values`` (generate forwards a user's cache under the same name)."""
+    params = inspect.signature(causal_lm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -84,3 +84,37 @@ class GradientFlowCheck(pl.Callback):
                        "trainable_without_grad": sum(len(v) for v in unreached.values())}
         logger.info("stage %s: gradient flow ok at step %d: %s", stage, trainer.global_step,
                     {c: f"{n:.3g}" for c, n in self.report["grad_norm_by_component"].items()})
+
+
+class LossCurve(pl.Callback):
+    """The training-loss curve: per optimizer step, the mean loss over its micro-batches and, under DDP, all ranks.
+
+    This is the quantity that must not change when the same global batch is split differently (batch 8 ×
+    accumulation 2 on one GPU vs batch 8 on each of two GPUs: the same samples per optimizer step). Micro-batch
+    losses are kept per rank during training and gathered once at the end, so the steps pay no extra collective.
+    """
+
+    def __init__(self) -> None:
+        self.micro: list[float] = []
+        self.start_step: int | None = None
+        self.curve: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.start_step is None:
+            self.start_step = int(trainer.global_step)   # > 0 after a resume: the curve covers this run only
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.micro.append(float(pl_module.step_losses[-1]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        losses = torch.tensor(self.micro, dtype=torch.float64, device=pl_module.device)
+        if trainer.world_size > 1:
+            losses = pl_module.all_gather(losses).mean(dim=0)   # [world, n] -> [n]: same micro-batch index
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        steps = losses.numel() // accumulate
+        self.curve = losses[: steps * accumulate].view(steps, accumulate).mean(dim=1).tolist() if steps else []
+
+    def record(self) -> dict[str, Any]:
+        return {"curve": self.curve, "curve_start_step": self.start_step}

@@ -23,14 +23,23 @@ from panobench.models.vlm import IGNORE_INDEX
 class ResumableSampler(Sampler[int]):
     """The whole run's sample order: epoch e of the dataset is ``randperm(n)`` seeded by (seed, e).
 
-    ``__len__`` is always the whole run (``total``) while iteration starts at ``start()`` — the number of samples
-    consumed before a resume, read when iteration begins (after the trainer restored ``global_step``). Lightning
-    counts the batches it had already fetched in the interrupted epoch on top of what the new iterator yields, so a
-    loader that shrank on resume would end the "epoch" early and then replay the same batches in a second one.
+    ``__len__`` is always this rank's share of the whole run while iteration starts at ``start()`` — the number of
+    samples consumed (by all ranks) before a resume, read when iteration begins (after the trainer restored
+    ``global_step``). Lightning counts the batches it had already fetched in the interrupted epoch on top of what
+    the new iterator yields, so a loader that shrank on resume would end the "epoch" early and then replay the same
+    batches in a second one.
+
+    DDP: the one global order is cut into consecutive chunks of ``chunk`` samples (one micro-batch) dealt to the
+    ranks in turn, so ``world`` ranks see disjoint samples and one optimizer step of ``world`` ranks covers exactly
+    the samples that ``world`` accumulated micro-batches cover on one device. ``world = 1`` is the plain order.
     """
 
-    def __init__(self, n: int, total: int, seed: int, start: Callable[[], int] | int = 0) -> None:
+    def __init__(self, n: int, total: int, seed: int, start: Callable[[], int] | int = 0, *, rank: int = 0,
+                 world: int = 1, chunk: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside [0, {world})")
         self.n, self.total, self.seed = n, total, seed
+        self.rank, self.world, self.chunk = rank, world, max(1, chunk)
         self._start = start
 
     @property
@@ -38,10 +47,13 @@ class ResumableSampler(Sampler[int]):
         return int(self._start() if callable(self._start) else self._start)
 
     def __len__(self) -> int:
-        return self.total
+        full, rest = divmod(self.total, self.chunk)
+        count = len(range(self.rank, full, self.world)) * self.chunk
+        if rest and full % self.world == self.rank:   # the short last chunk falls to this rank
+            count += rest
+        return count
 
-    def __iter__(self) -> Iterator[int]:
-        start = self.start
+    def _global_order(self, start: int) -> Iterator[int]:
         epoch, offset = divmod(start, self.n)
         produced = start
         while produced < self.total:
@@ -53,6 +65,12 @@ class ResumableSampler(Sampler[int]):
                 yield idx
                 produced += 1
             epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.start
+        for position, idx in enumerate(self._global_order(start), start=start):
+            if (position // self.chunk) % self.world == self.rank:
+                yield idx
 
 
 class ResumableLoader(DataLoader):
@@ -125,13 +143,17 @@ class PanoDataModule(pl.LightningDataModule):
             self.valid_set = PanoramaCaptionDataset(self.cfg.data.valid_csv, self.cfg.data.root, erp_size=size)
 
     def samples_per_step(self) -> int:
-        return self.stage_cfg.batch_size * self.stage_cfg.accumulate_grad_batches
+        """Samples one optimizer step consumes over all ranks."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self.stage_cfg.batch_size * self.stage_cfg.accumulate_grad_batches * world
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
         # Resume: the position is read from the trainer's global_step when iteration starts (after the restore).
         total = self.stage_cfg.max_steps * self.samples_per_step()
-        sampler = ResumableSampler(len(self.train_set), total, self.cfg.seed, start=self._consumed_samples)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = ResumableSampler(len(self.train_set), total, self.cfg.seed, start=self._consumed_samples,
+                                   rank=rank, world=world, chunk=self.stage_cfg.batch_size)
         return ResumableLoader(self.train_set, batch_size=self.stage_cfg.batch_size, sampler=sampler,
                                collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
                                persistent_workers=False, drop_last=False)

@@ -22,15 +22,15 @@ from lightning.pytorch.loggers import CSVLogger
 
 from panobench.config import RunConfig, config_hash, config_to_dict, dump_run_config
 from panobench.errors import CheckpointError, ConfigError
+from panobench.measurement.flops import ModelFlops, count_model_flops, datasheet_peak_flops, mfu
 from panobench.measurement.throughput import (
-    count_flops,
-    device_peak_flops,
+    measured_peak_flops,
     peak_gpu_memory_gib,
     peak_host_rss_gib,
     summarize_step_times,
 )
-from panobench.training.builder import build_device, build_stage, compile_blocks, stage_dir
-from panobench.training.callbacks import GradientFlowCheck, ThroughputCallback
+from panobench.training.builder import build_device, build_stage, compile_blocks, stage_compiles, stage_dir
+from panobench.training.callbacks import GradientFlowCheck, LossCurve, ThroughputCallback
 from panobench.training.datamodule import PanoDataModule
 from panobench.utils.checkpoint_io import AtomicCheckpointIO
 from panobench.utils.io import read_json, write_json_atomic
@@ -105,6 +105,7 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     datamodule = PanoDataModule(cfg, stage, built.prompts, system.model.pad_id)
     throughput = ThroughputCallback()
     grad_check = GradientFlowCheck()
+    loss_curve = LossCurve()
     val_every = min(stage_cfg.val_every_n_steps, stage_cfg.max_steps)
     best = ModelCheckpoint(dirpath=out, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
@@ -115,7 +116,7 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         accelerator=_accelerator(cfg), devices=cfg.runtime.devices, precision=cfg.runtime.precision,
         max_steps=stage_cfg.max_steps, max_epochs=-1, val_check_interval=val_every, check_val_every_n_epoch=None,
         limit_val_batches=stage_cfg.limit_val_batches, accumulate_grad_batches=stage_cfg.accumulate_grad_batches,
-        callbacks=[best, last, throughput, grad_check, TQDMProgressBar(refresh_rate=10)],
+        callbacks=[best, last, throughput, grad_check, loss_curve, TQDMProgressBar(refresh_rate=10)],
         plugins=[AtomicCheckpointIO()],   # best/last.ckpt replaced atomically, also on shared cluster filesystems
         logger=CSVLogger(out, name="logs", version=""), default_root_dir=out, deterministic=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False,
@@ -125,14 +126,15 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     if resume_from:
         logger.info("resuming stage %s from %s", stage, resume_from)
 
-    flops = _count_step_flops(system, datamodule, trainer, cfg) if cfg.runtime.measure_flops else None
-    if cfg.runtime.compile:   # after the FLOP count: the counter sees the eager ops, the steps run compiled
-        logger.info("runtime.compile: compiled %d transformer blocks", compile_blocks(system.model))
+    flops = _count_step_flops(system, datamodule, cfg) if cfg.runtime.measure_flops else None
+    if stage_compiles(cfg, stage):   # after the FLOP count: the counter sees the eager ops, the steps run compiled
+        logger.info("compiled %d transformer blocks", compile_blocks(system.model, _accelerator(cfg)))
     trainer.fit(system, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     if not (out / "best.ckpt").exists():
         raise CheckpointError(f"{out}: training finished without a best.ckpt (no validation ran?)")
     record = _measurements(cfg, stage, system, built, throughput, flops, datamodule)
     record["loss"].update(_best_validation(best, out / "best.ckpt", system))
+    record["loss"].update(loss_curve.record())
     record["gradient_check"] = grad_check.report
     record["data"] = data
     if not trainer.is_global_zero:   # DDP: rank 0 writes the stage's outputs
@@ -159,8 +161,9 @@ def _best_validation(best: ModelCheckpoint, best_file: Path, system: Any) -> dic
             "last_val": float(last) if last is not None else None}
 
 
-def _count_step_flops(system: Any, data: PanoDataModule, trainer: pl.Trainer, cfg: RunConfig) -> int | None:
-    """FLOPs of one forward+backward micro-batch, counted; gradients are discarded (weights unchanged)."""
+def _count_step_flops(system: Any, data: PanoDataModule, cfg: RunConfig) -> ModelFlops | None:
+    """Model FLOPs of one forward+backward micro-batch (measurement.flops convention), counted on the first
+    training batch; gradients are discarded (weights unchanged)."""
     data.setup()
     collate = data.collate
     batch = collate([data.train_set[i] for i in range(min(len(data.train_set), cfg.stages[system.stage].batch_size))])
@@ -174,13 +177,31 @@ def _count_step_flops(system: Any, data: PanoDataModule, trainer: pl.Trainer, cf
             loss = system.compute_loss(batch)
         loss.backward()
 
-    flops = count_flops(step)
+    flops = count_model_flops(step, device.type, module=system)
     system.zero_grad(set_to_none=True)   # the model stays where it is: Lightning trains it on this device
     return flops
 
 
+def _cost(cfg: RunConfig, flops: ModelFlops | None, step_time_s: float | None) -> dict[str, Any]:
+    """MFU by the field's convention (model FLOPs / step time / the device's datasheet dense bf16 peak), per device,
+    and separately against the bf16 matmul rate measured on this device."""
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and _accelerator(cfg) == "cuda" else None
+    if cfg.runtime.device_peak_tflops:
+        peak, source = cfg.runtime.device_peak_tflops * 1e12, "runtime.device_peak_tflops"
+    else:
+        peak, part = datasheet_peak_flops(device_name)
+        source = f"datasheet: {part}" if part else None
+    measured = measured_peak_flops() if device_name else None
+    total = flops.total if flops else None
+    return {"flops_per_step": total, "attention_flops_per_step": flops.attention if flops else None,
+            "flops_convention": "model FLOPs of one micro-batch per device: matmuls + attended (query, key) pairs "
+                                "(causal counted once), no recompute",
+            "device_peak_flops": peak, "device_peak_source": source, "mfu": mfu(total, step_time_s, peak),
+            "measured_peak_flops": measured, "mfu_measured_peak": mfu(total, step_time_s, measured)}
+
+
 def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: ThroughputCallback,
-                  flops: int | None, data: PanoDataModule) -> dict[str, Any]:
+                  flops: ModelFlops | None, data: PanoDataModule) -> dict[str, Any]:
     desc = system.model.describe()
     timing = summarize_step_times(tp.clock.times, cfg.runtime.measure_warmup_steps)
     batch = cfg.stages[stage].batch_size
@@ -192,8 +213,6 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
     samples_per_s = batch * world / median if median else None
     text_rate = samples_per_s * text_per_sample if samples_per_s and stage != "vision" else 0.0
     visual_rate = samples_per_s * visual if samples_per_s else None
-    peak = device_peak_flops(cfg.runtime.device_peak_tflops) if torch.cuda.is_available() else None
-    mfu = flops / median / peak if (flops and median and peak) else None
     losses = system.step_losses
     counts = built.param_counts
     return {
@@ -212,7 +231,7 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
                   "tokens_per_s": (visual_rate or 0.0) + (text_rate or 0.0) if samples_per_s else None,
                   "visual_tokens_per_s": visual_rate, "text_tokens_per_s": text_rate},
         "memory": {**peak_gpu_memory_gib(), "peak_host_rss_gib": peak_host_rss_gib()},
-        "cost": {"flops_per_step": flops, "device_peak_flops": peak, "mfu": mfu},
+        "cost": _cost(cfg, flops, median),
         "params": {"trainable": sum(v[0] for v in counts.values()), "total": sum(v[1] for v in counts.values()),
                    "by_component": counts},
         "kernel_path": desc["kernel_path"],

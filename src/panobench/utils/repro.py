@@ -43,7 +43,11 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_revision(start: str | os.PathLike | None = None) -> str | None:
-    """The git SHA of the checkout holding ``start`` (default: cwd), with ``-dirty`` if modified; None outside git."""
+    """The git SHA of the checkout holding ``start`` (default: cwd), with ``-dirty`` if modified.
+
+    Outside git (a copy of the tree without ``.git``, as on a lent GPU machine): ``$PANOBENCH_GIT_REVISION`` if set,
+    else None.
+    """
     cwd = Path(start) if start else Path.cwd()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
@@ -51,7 +55,7 @@ def git_revision(start: str | os.PathLike | None = None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
                                text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("PANOBENCH_GIT_REVISION") or None
     return sha + ("-dirty" if dirty else "")
 
 
