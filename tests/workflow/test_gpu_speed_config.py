@@ -84,7 +84,8 @@ def test_session_and_ddp_overlays_resolve() -> None:
     session = _overlay("gpu-speed", "gpu-speed-session")
     assert session["name"] == "gpu-speed" and session["eval_stages"] == ["finetune"]
     cells = pm.expand_cells(session)
-    assert {(c.overlap, c.resampler) for c in cells} == {(o, r) for o in (0.0, 0.5) for r in ("mlp", "bimamba")}
+    assert {(c.overlap, c.resampler) for c in cells} == {(o, r) for o in (0.0, 0.5)
+                                                         for r in ("mlp", "bimamba", "qformer", "perceiver")}
     run = next(iter(pm.experiments(session).values()))
     assert run["stages"]["resampler"]["compile"] is False and run["stages"]["finetune"]["max_steps"] == 20
     two, one = _overlay("gpu-speed", "gpu-speed-ddp"), _overlay("gpu-speed", "gpu-speed-ddp-1gpu")
