@@ -230,8 +230,8 @@ SINGLE_PLAN: list[tuple[Any, ...]] = [
 # may not reach in its ten minutes, on GPU 0 of the two-GPU machine (the same H200 model) — first the query-based
 # arms, so that the GPU-hour bill has a measured step time for every resampler.
 EXTRAS_PLAN: list[tuple[Any, ...]] = [
-    ("harness", "qformer", 5, False), ("harness", "perceiver", 5, False), ("harness", "bimamba", 9, False),
-    ("harness", "qformer", 9, False), ("harness", "perceiver", 9, False), ("vlm", "c", "bimamba", 5, False),
+    ("harness", "perceiver", 5, False), ("harness", "qformer", 9, False), ("harness", "perceiver", 9, False),
+    ("harness", "bimamba", 9, False), ("harness", "qformer", 5, False), ("vlm", "c", "bimamba", 5, False),
     ("vlm", "b", "mlp", 9, False)]
 # The CPU mode's cells (every step still runs; CI time): mlp at 5 and 9 views for the single session, bimamba at 5
 # views for the extras. bimamba through the whole workflow: tests/workflow/test_gpu_speed_config.py's smoke test.
@@ -252,8 +252,10 @@ def single(session: Session, kind: str = "single") -> dict[str, Any]:
     if kind == "single":
         env = environment(session)
         naive_step(session)
-    else:
+    elif (session.out / "env.json").is_file():   # after the DDP part of the same call
         env = json.loads((session.out / "env.json").read_text())
+    else:                                        # `gpu_session.py extras`: the extras on their own
+        env = environment(session)
     # The tokenizer vlm_step.py builds with: the materialize rule, named by rule (not by an output file).
     session.run("prepare data and tokenizer",
                 [sys.executable, "-m", "snakemake", "--until", "materialize_models", "fingerprint_data", "--cores",
@@ -569,7 +571,7 @@ def fill_readme(summary_md: Path, readme: Path, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("single", "ddp"):
+    for name in ("single", "ddp", "extras"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, required=True, help="what comes back from the device (<= 8 files)")
         p.add_argument("--work", type=Path, default=None, help="intermediate files (default: a temporary folder)")
@@ -594,10 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-session-"))
     work.mkdir(parents=True, exist_ok=True)
     session = Session(args.out, work, args.cpu, args.deadline_epoch or time.time() + 570)
-    run: Callable[[Session], dict[str, Any]] = single if args.command == "single" else ddp
-    summary = run(session)
+    runs: dict[str, Callable[[Session], dict[str, Any]]] = {
+        "single": single, "ddp": ddp, "extras": lambda s: single(s, "extras")}
+    summary = runs[args.command](session)
     steps = list(summary["steps"])
-    for name in (["summary.md"] if args.command == "single" else ["ddp_summary.md", "extras_summary.md"]):
+    shown = {"single": ["summary.md"], "ddp": ["ddp_summary.md", "extras_summary.md"], "extras": ["extras_summary.md"]}
+    for name in shown[args.command]:
         if (args.out / name).is_file():
             print((args.out / name).read_text(), flush=True)
     if args.command == "ddp" and (args.out / "extras_summary.json").is_file():
