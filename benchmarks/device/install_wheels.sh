@@ -11,4 +11,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-
   --target /tmp/site "${wheels[@]}" . || { echo "install failed"; exit 1; }
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 command -v panobench snakemake || { echo "console scripts missing from /tmp/site/bin"; exit 1; }
-python3 -c "import selective_scan_cuda" || echo "WARNING: fused mamba_ssm scan not importable (bimamba rows fail)"
+# torch first: the extension links against libc10.so, which only torch's import puts on the loader's path.
+python3 -c "import torch, selective_scan_cuda" || echo "WARNING: fused mamba_ssm scan not importable (bimamba rows fail)"

@@ -132,12 +132,16 @@ def target_jobs(wf: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _measured_training(results: pd.DataFrame, recipes: pd.DataFrame | None) -> pd.DataFrame:
-    """Successful training rows (cells and recipes) with a step time, as stage/resampler/views/batch/devices/step."""
+    """Completed training rows (cells and recipes) with a step time, as stage/resampler/views/batch/devices/step.
+
+    A step time exists only when the stage's measurements.json (written last, on completion) was read, so a row that
+    is "failed" only because its evaluation is missing (a speed session that skipped generation) still counts.
+    """
     frames = [results[list(TRAIN_MATCH_COLUMNS)]]
     if recipes is not None and not recipes.empty:
         frames.append(recipes.assign(stage="vision")[list(TRAIN_MATCH_COLUMNS)])
     rows = pd.concat(frames, ignore_index=True)
-    rows = rows[(rows["status"] == "ok") & rows["step_time_median_s"].notna() & rows["batch_size"].notna()]
+    rows = rows[rows["step_time_median_s"].notna() & rows["batch_size"].notna()]
     return rows.assign(devices=rows["devices"].fillna(1))   # records before `devices` was recorded ran on one
 
 

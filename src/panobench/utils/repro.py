@@ -45,9 +45,12 @@ def package_versions() -> dict[str, str | None]:
 def git_revision(start: str | os.PathLike | None = None) -> str | None:
     """The git SHA of the checkout holding ``start`` (default: cwd), with ``-dirty`` if modified.
 
-    Outside git (a copy of the tree without ``.git``, as on a lent GPU machine): ``$PANOBENCH_GIT_REVISION`` if set,
-    else None.
+    ``$PANOBENCH_GIT_REVISION``, when set, wins: a copy of the tree shipped to another machine (a lent GPU machine)
+    may carry no ``.git``, or a stale one from an earlier commit, and then only the sender knows the revision.
+    Outside git and without the variable: None.
     """
+    if os.environ.get("PANOBENCH_GIT_REVISION"):
+        return os.environ["PANOBENCH_GIT_REVISION"]
     cwd = Path(start) if start else Path.cwd()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
@@ -55,7 +58,7 @@ def git_revision(start: str | os.PathLike | None = None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
                                text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("PANOBENCH_GIT_REVISION") or None
+        return None
     return sha + ("-dirty" if dirty else "")
 
 
