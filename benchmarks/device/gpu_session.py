@@ -231,8 +231,8 @@ SINGLE_PLAN: list[tuple[Any, ...]] = [
 # arms, so that the GPU-hour bill has a measured step time for every resampler.
 EXTRAS_PLAN: list[tuple[Any, ...]] = [
     ("harness", "perceiver", 5, False), ("harness", "qformer", 9, False), ("harness", "perceiver", 9, False),
-    ("harness", "bimamba", 9, False), ("harness", "qformer", 5, False), ("vlm", "c", "bimamba", 5, False),
-    ("vlm", "b", "mlp", 9, False)]
+    ("harness", "bimamba", 9, False), ("harness", "qformer", 5, False), ("harness", "bimamba", 5, True),
+    ("plain", "bimamba", 5), ("vlm", "c", "bimamba", 5, False), ("vlm", "b", "mlp", 9, False)]
 # The CPU mode's cells (every step still runs; CI time): mlp at 5 and 9 views for the single session, bimamba at 5
 # views for the extras. bimamba through the whole workflow: tests/workflow/test_gpu_speed_config.py's smoke test.
 CPU_CELLS = {"single": {"matrix": {"overlaps": [0.0, 0.5], "resamplers": ["mlp"]}},
