@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 from slurm_testcluster import REPO_ROOT, SlurmCluster, failure_message, run_on_cluster
 
+from panobench.reporting.aggregate import RUN_MEASUREMENT_COLUMNS
+
 pytestmark = [pytest.mark.cluster, pytest.mark.workflow, pytest.mark.slow]
 
 # Observed 306 s on a quiet 2-core machine, 8.4 min with other test runs loading it (15 min before
@@ -28,25 +30,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.workflow, pytest.mark.slow]
 SLURM_TIMEOUT_S = 1000
 LOCAL_TIMEOUT_S = 900
 GPU_RULES = ("train_resampler", "train_finetune", "generate")
-# Columns that measure the run rather than the experiment: wall-clock speed, memory, the host. They must be
-# measured (non-null) in exactly the same rows in both runs, but their values may differ.
-VOLATILE_COLUMNS = (
-    "step_time_median_s",
-    "step_time_p90_s",
-    "samples_per_s",
-    "tokens_per_s",
-    "visual_tokens_per_s",
-    "text_tokens_per_s",
-    "peak_gpu_allocated_gib",
-    "peak_gpu_reserved_gib",
-    "peak_host_rss_gib",
-    "mfu",
-    "gen_tokens_per_s",
-    "gen_latency_s_per_sample",
-    "bench_s",
-    "bench_max_rss_mb",
-    "hostname",
-)
+# Columns that measure the run rather than the experiment (speed, memory, the host): measured (non-null) in exactly
+# the same rows in both runs, but their values may differ.
+VOLATILE_COLUMNS = RUN_MEASUREMENT_COLUMNS
 # Must survive the column filter: a comparison that silently dropped these would prove nothing.
 REQUIRED_COMPARED = (
     "cell_id",

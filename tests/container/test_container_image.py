@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from apptainer_deffile import INSTALL_SCRIPT, REPO_ROOT, load_def
 from apptainer_launcher import LOG_ENV
 from rootfs_builder import INSTALL_ARGS, Image
@@ -40,6 +41,8 @@ CAPTION_COLUMNS = (
     *METRIC_NAMES,
     *(f"baseline_{m}" for m in METRIC_NAMES),
     *(f"delta_{m}" for m in METRIC_NAMES),
+    *(f"blind_{m}" for m in METRIC_NAMES),
+    *(f"delta_blind_{m}" for m in METRIC_NAMES),
     "num_groups",
     "empty_predictions",
     "mean_prediction_length_words",
@@ -201,7 +204,9 @@ def test_workflow_through_apptainer_matches_host_run(
 
     # --- the runs' own records name the interpreter: the image's in the container run, the host's otherwise ---
     box_records, host_records = _records(box_wd), _records(host_wd)
-    assert len(box_records) == len(host_records) == 2 * 2 + 2 * 2  # 2 cells x (2 training stages + 2 evaluations)
+    small = yaml.safe_load((box_wd / "config/small.yaml").read_text())
+    per_cell = 2 + len(small["eval_stages"])   # measurements of the 2 training stages, one record per evaluation
+    assert len(box_records) == len(host_records) == 2 * per_cell
     assert {_executable(r) for r in box_records} == {IMAGE_PYTHON}
     assert IMAGE_PYTHON not in {_executable(r) for r in host_records}
 
@@ -221,7 +226,7 @@ def test_workflow_through_apptainer_matches_host_run(
     assert got["SPICE_reason"].dropna().str.contains(image_lib, regex=False).all()
     assert not want["SPICE_reason"].dropna().str.contains(image_lib, regex=False).any()
     predictions = sorted(host_wd.glob("runs/small/*/eval/*/predictions.csv"))
-    assert len(predictions) == 4
+    assert len(predictions) == 2 * len(small["eval_stages"])
     for pred in predictions:
         rel = pred.relative_to(host_wd)
         assert (box_wd / rel).read_bytes() == pred.read_bytes(), f"{rel} differs between container and host runs"

@@ -29,6 +29,7 @@ from panobench.errors import InputError
 from panobench.reporting.aggregate import (
     JOB_COLUMNS,
     RESULT_COLUMNS,
+    RUN_MEASUREMENT_COLUMNS,
     VISION_RECIPE_COLUMNS,
     aggregate,
     log_error_line,
@@ -77,6 +78,15 @@ def test_one_row_per_cell_and_stage_with_fixed_columns(matrix):
     assert len(df) == 8 * 2
     assert set(zip(df["cell_id"], df["stage"], strict=True)) == {
         (c["cell_id"], s) for c in matrix["man"]["cells"] for s in ("resampler", "finetune")}
+
+
+def test_run_measurement_columns_are_result_columns_and_no_experiment_columns():
+    """The columns reproduction checks may let differ are real columns, and none of them is a knob, a caption metric,
+    a token count or the data fingerprint (a check that ignored those would prove nothing)."""
+    assert set(RUN_MEASUREMENT_COLUMNS) <= set(RESULT_COLUMNS)
+    experiment = {"cell_id", "overlap", "resampler", "seed", "stage", "status", "num_views", "CIDEr", "blind_CIDEr",
+                  "baseline_CIDEr", "visual_tokens_per_sample", "flops_per_step", "loss_best_val", "data_fingerprint"}
+    assert not experiment & set(RUN_MEASUREMENT_COLUMNS)
 
 
 def test_failed_cell_has_status_and_log_error_line(matrix):

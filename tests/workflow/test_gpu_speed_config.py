@@ -236,14 +236,22 @@ def test_single_gpu_session_cpu_mode(tmp_path: Path) -> None:
     assert any(n.endswith("finetune/anyres-e2p_mlp/measurements.json") for n in names)
     assert "plain-generation/generation.json" in names and any(n.endswith("report.html") for n in names)
     assert not any(n.endswith(".ckpt") for n in names)
-    # The collection fills the README's placeholder block with summary.md, unedited.
+    # The collection replaces the README's session block with summary.md, unedited, and leaves the other blocks.
     readme = tmp_path / "README.md"
     shutil.copy(ROOT / "reports/gpu-speed/README.md", readme)
+    before = readme.read_text()
     subprocess.run([sys.executable, str(ROOT / "benchmarks/device/gpu_session.py"), "fill-readme", "--summary",
                     str(out / "summary.md"), "--readme", str(readme)], check=True)
     filled = readme.read_text()
-    assert (out / "summary.md").read_text().strip() in filled and "Placeholder — to be filled from `summary.md`" \
-        not in filled and "Placeholder — to be filled from `ddp_summary.md`" in filled
+
+    def block(text: str, name: str) -> str:
+        return text.split(f"<!-- {name}-table:begin -->", 1)[1].split(f"<!-- {name}-table:end -->", 1)[0]
+
+    assert block(filled, "session").strip() == (out / "summary.md").read_text().strip()
+    assert block(filled, "session") != block(before, "session")
+    for other in ("ddp", "extras"):
+        assert block(filled, other) == block(before, other)
+    assert filled.split("<!-- session-table:begin -->")[0] == before.split("<!-- session-table:begin -->")[0]
 
 
 @pytest.mark.slow

@@ -114,6 +114,18 @@ RESULT_COLUMNS: tuple[str, ...] = (
     *(name for name, _ in _PROVENANCE_FIELDS),
 )
 
+# Columns that measure the run rather than the experiment (wall-clock speed, memory, the host): two runs of one
+# config agree on every other column (seeded), but not on these. The reproduction checks compare everything else.
+RUN_MEASUREMENT_COLUMNS: tuple[str, ...] = (
+    "step_time_median_s", "step_time_p90_s", "samples_per_s", "tokens_per_s", "visual_tokens_per_s",
+    "text_tokens_per_s", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib", "peak_host_rss_gib",
+    "measured_peak_flops", "mfu", "mfu_measured_peak",
+    "gen_tokens_per_s", "gen_latency_s_per_sample", "gen_prefill_s_per_sample", "gen_decode_tokens_per_s",
+    "gen_end_to_end_tokens_per_s",
+    "bench_s", "bench_max_rss_mb", "projected_train_s", "gen_bench_s", "gen_bench_max_rss_mb", "gen_job_seconds",
+    "hostname",
+)
+
 VISION_RECIPE_COLUMNS: tuple[str, ...] = (
     "recipe_id", "name", "status", "error", "overlap", "resampler", "seed",
     *(name for name, _ in _MEASUREMENT_FIELDS),

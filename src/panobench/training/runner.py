@@ -89,8 +89,9 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         torch.use_deterministic_algorithms(True, warn_only=True)
     stage_cfg = cfg.stages[stage]
 
-    data = data_record(cfg, data_fingerprint)
+    # The model first: a bad checkpoint or config fails in a second, before the data's hashing reads every image.
     built = build_stage(cfg, stage, vision_checkpoint=resume)   # fails fast (bad checkpoint, config) before any output
+    data = data_record(cfg, data_fingerprint)
     system = built.system
     out.mkdir(parents=True, exist_ok=True)
     dump_run_config(cfg, out / "config.yaml")
