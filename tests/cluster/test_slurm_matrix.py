@@ -88,9 +88,7 @@ def _same(a: object, b: object) -> bool:
     return a == b
 
 
-def _print_job_table(
-    rows: list[tuple[str, str, str, str]], wall_s: float, path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _print_job_table(rows: list[tuple[str, str, str, str]], wall_s: float, path: Path, measured) -> None:
     lines = [
         f"SLURM jobs of `snakemake --profile profiles/slurm-ci --configfile config/small.yaml` ({wall_s:.0f} s):",
         f"{'jobid':>6}  {'state':<10} {'elapsed':>8}  comment (rule_<rule or group>[_wildcards_<values>])",
@@ -98,13 +96,10 @@ def _print_job_table(
     lines += [f"{jid:>6}  {state:<10} {elapsed:>8}  {comment}" for jid, state, elapsed, comment in rows]
     text = "\n".join(lines)
     path.write_text(text + "\n")
-    with capsys.disabled():  # the CI log must show which SLURM jobs ran, also without `pytest -s`
-        print("\n" + text, flush=True)
+    measured("\n" + text)  # the CI log must show which SLURM jobs ran
 
 
-def test_small_matrix_runs_through_sbatch_and_matches_local(
-    slurm_cluster: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_small_matrix_runs_through_sbatch_and_matches_local(slurm_cluster: SlurmCluster, tmp_path: Path, measured) -> None:
     # The same sub-matrix twice: locally (the reference report) and on the SLURM test cluster. They run at the same
     # time: the SLURM run spends most of its wall time waiting for status polls, the local run fills those gaps.
     local = WF.copy_workflow(tmp_path / "local")
@@ -133,7 +128,7 @@ def test_small_matrix_runs_through_sbatch_and_matches_local(
     assert submitted, log[-6000:]
     jobs = {jid: _scontrol_job(slurm_cluster, jid) for jid, _ in submitted}
     rows = [(jid, j["JobState"], j.get("RunTime", "?"), j.get("Comment", "")) for jid, j in jobs.items()]
-    _print_job_table(rows, wall_s, tmp_path / "slurm_jobs.txt", capsys)
+    _print_job_table(rows, wall_s, tmp_path / "slurm_jobs.txt", measured)
     for jid, job in jobs.items():
         assert job["JobState"] == "COMPLETED", (jid, job)
         assert job["JobName"] == run_id, (jid, job["JobName"])  # the plugin names jobs by run id: this run's jobs

@@ -75,7 +75,7 @@ def test_stage1_checkpoints_share_only_the_vision_tower_by_default():
 
 def test_reuse_resampler_is_refused_when_any_arm_could_not_use_it():
     wf = _wf()
-    recipe = wf["matrix"]["vision_checkpoints"][1]
+    recipe = next(v for v in wf["matrix"]["vision_checkpoints"] if "train" in v)
     assert "train" in recipe and recipe["train"]["resampler"] == "mlp"
     recipe["reuse_resampler"] = True
     with pytest.raises(ConfigError, match=r"reuse_resampler.*bimamba, qformer, perceiver arm"):
@@ -105,7 +105,7 @@ def test_reuse_resampler_of_a_path_checkpoint_is_checked_against_its_saved_confi
 
 def test_reuse_resampler_needs_a_stage1_checkpoint():
     wf = _wf()
-    wf["matrix"]["vision_checkpoints"][0]["reuse_resampler"] = True     # "pretrained"
+    wf["matrix"]["vision_checkpoints"].insert(0, {"name": "pretrained", "reuse_resampler": True})   # the tower as loaded
     with pytest.raises(ConfigError, match="pretrained.*no resampler weights|no resampler weights"):
         pm.vision_checkpoints(wf)
 
