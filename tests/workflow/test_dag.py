@@ -73,6 +73,7 @@ def test_large_matrix_dry_run_time(workflow_dir: Path) -> None:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["matrix"]["overlaps"] = [0.0, 0.25, 0.5]
     cfg["matrix"]["seeds"] = [0, 1, 2, 3]
+    cfg["matrix"]["vision_checkpoints"].insert(0, {"name": "pretrained"})
     path = write_config(workflow_dir, "big", cfg)
     start = time.perf_counter()
     counts = job_counts(workflow_dir, [path])
