@@ -82,7 +82,8 @@ def metrics_present(df: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def _finetune(df: pd.DataFrame) -> pd.DataFrame:
-    return ok_rows(df, "finetune")
+    # A copy in one block: a results table read column by column is fragmented, and each .assign() on it warns.
+    return ok_rows(df, "finetune").copy()
 
 
 def _pairs(data: pd.DataFrame, knob: str, a: object, b: object, metric: str) -> pd.DataFrame:
