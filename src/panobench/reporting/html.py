@@ -35,12 +35,12 @@ from panobench.reporting.bill import HOUR, measured_by_rule
 from panobench.reporting.checks import fingerprints, token_budget_warning
 from panobench.reporting.paired import (
     KNOB_LABELS,
-    ONE_SEED,
     PAIRED_METRICS,
     REFERENCES,
     max_seeds,
     paired_differences,
     reference_differences,
+    verdict_kind,
 )
 from panobench.reporting.plots import FIGURES, make_figures
 from panobench.reporting.stats import METHOD
@@ -167,12 +167,12 @@ def _paired(df: pd.DataFrame) -> dict[str, Any]:
             "breakdown": _table(detail, ["knob", "pair", "setting", "metric", "n", "difference", "verdict"])}
 
 
+# CSS class of each verdict kind (the report's stylesheet colours them).
+_VERDICT_CLASS = {"b": "better", "a": "worse", "untestable": "untestable", "none": "nodiff"}
+
+
 def _verdict_class(verdict: str, b_better: str, a_better: str) -> str:
-    if verdict == b_better:
-        return "better"
-    if verdict == a_better:
-        return "worse"
-    return "untestable" if verdict == ONE_SEED else "nodiff"
+    return _VERDICT_CLASS[verdict_kind(verdict, b_better, a_better)]
 
 
 def _image_effect(df: pd.DataFrame) -> dict[str, Any]:

@@ -60,6 +60,15 @@ def verdict(ci: Interval, a_better: str, b_better: str) -> str:
     return f"no detectable difference at n={ci.n}"
 
 
+def verdict_kind(verdict_text: str, b_better: str, a_better: str) -> str:
+    """What a verdict says, for colouring it: "b" (B better), "a" (A better), "untestable" (one seed) or "none"."""
+    if verdict_text == b_better:
+        return "b"
+    if verdict_text == a_better:
+        return "a"
+    return "untestable" if verdict_text == ONE_SEED else "none"
+
+
 def level_text(knob: str, level: object) -> str:
     """How a level is written in tables and verdicts ("overlap 0.50", "qformer", "vicreg-ov0.5")."""
     if knob == "overlap":

@@ -25,12 +25,12 @@ import seaborn as sns  # noqa: E402
 
 from panobench.reporting.paired import (  # noqa: E402
     KNOB_LABELS,
-    ONE_SEED,
     REFERENCES,
     max_seeds,
     metrics_present,
     paired_differences,
     reference_differences,
+    verdict_kind,
 )
 from panobench.reporting.stats import t_errorbar, t_interval  # noqa: E402
 from panobench.reporting.tables import RESAMPLER_ORDER, memory_column, ok_rows, resampler_order  # noqa: E402
@@ -312,14 +312,6 @@ _VERDICT_COLOURS = {"b": ("#1b7837", "#1b7837"), "a": ("#b2182b", "#b2182b"), "n
                     "untestable": ("white", "0.35")}
 
 
-def _verdict_kind(verdict: str, b_better: str, a_better: str) -> str:
-    if verdict == b_better:
-        return "b"
-    if verdict == a_better:
-        return "a"
-    return "untestable" if verdict == ONE_SEED else "none"
-
-
 def _forest(ax: plt.Axes, rows: pd.DataFrame, labels: list[str], kinds: list[str], show_n: bool) -> None:
     """One horizontal interval per row (top to bottom), its mean as a dot, a zero line; NaN bounds draw no bar."""
     y = np.arange(len(rows))
@@ -367,7 +359,7 @@ def plot_paired_differences(df: pd.DataFrame, out_png: str | os.PathLike) -> Pat
                              sharey=True, squeeze=False)
     for ax, (metric, label) in zip(axes[0], metrics, strict=True):
         rows = comparisons.merge(summary[summary["metric"] == metric], on=["knob", "level_a", "level_b"], how="left")
-        kinds = [_verdict_kind(str(r.verdict), f"{r.level_b} better", f"{r.level_a} better")
+        kinds = [verdict_kind(str(r.verdict), f"{r.level_b} better", f"{r.level_a} better")
                  for r in rows.itertuples()]
         _forest(ax, rows, labels, kinds, show_n=ax is axes[0][-1])
         ax.set_title(label)
@@ -396,7 +388,7 @@ def plot_image_effect(df: pd.DataFrame, out_png: str | os.PathLike, metric: str 
         _, name, helps, hurts = REFERENCES[reference]
         rows = pd.DataFrame({"setting": settings}).merge(refs[refs["reference"] == reference], on="setting",
                                                           how="left")
-        kinds = [_verdict_kind(str(v), helps, hurts) for v in rows["verdict"]]
+        kinds = [verdict_kind(str(v), helps, hurts) for v in rows["verdict"]]
         _forest(ax, rows, settings, kinds, show_n=ax is axes[0][-1])
         ax.set_title(f"{name} {metric}")
         ax.set_xlabel(f"Δ {metric}")
