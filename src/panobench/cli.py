@@ -19,7 +19,7 @@ logger = logging.getLogger("panobench")
 
 # Modules that contribute subcommands, imported lazily so `panobench --help` stays fast.
 COMMAND_MODULES = [
-    "panobench.geometry.commands",     # tiles
+    "panobench.data.tiles_commands",   # tiles
     "panobench.data.commands",         # synth, prepare-data
     "panobench.models.commands",       # materialize
     "panobench.training.commands",     # resolve-config, train

@@ -20,9 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from panobench.errors import ConfigError
-
-STAGES = ("vision", "resampler", "finetune")
-Stage = Literal["vision", "resampler", "finetune"]
+from panobench.stages import STAGE_NAMES, STAGES
 
 
 # fmt: off
@@ -111,11 +109,7 @@ class StageConfig:
 
 
 def _default_stages() -> dict[str, StageConfig]:
-    return {
-        "vision": StageConfig(max_steps=40, lr=1e-4),
-        "resampler": StageConfig(max_steps=100, lr=2e-3),
-        "finetune": StageConfig(max_steps=100, lr=1e-3),
-    }
+    return {name: StageConfig(**stage.defaults) for name, stage in STAGES.items()}
 
 
 @dataclass(frozen=True)
@@ -245,7 +239,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             stages = dict(_default_stages())
             for stage_name, stage_data in value.items():
                 if stage_name not in STAGES:
-                    raise ConfigError(f"unknown config key stages.{stage_name}; expected one of {list(STAGES)}")
+                    raise ConfigError(f"unknown config key stages.{stage_name}; expected one of {list(STAGE_NAMES)}")
                 base = dataclasses.asdict(stages[stage_name])
                 base.update(stage_data or {})
                 stages[stage_name] = _build(StageConfig, base, f"stages.{stage_name}")
@@ -269,16 +263,8 @@ def _validate(obj: Any, prefix: str) -> None:
         for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every_n_steps"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"config key {prefix}.{name}: must be >= 1, got {getattr(obj, name)}")
-    # resampler.type is checked against the registry by check_resampler_type() (imports torch) when the matrix
-    # is expanded and again when the model is built; keeping it out of here keeps config handling torch-free.
-
-
-def check_resampler_type(name: str, where: str = "resampler.type") -> None:
-    """Raise ConfigError unless ``name`` is a key of the resampler registry."""
-    from panobench.models.resamplers import RESAMPLERS
-
-    if name not in RESAMPLERS:
-        raise ConfigError(f"config key {where}: unknown resampler {name!r}; expected one of {sorted(RESAMPLERS)}")
+    # resampler.type is checked against the registry (models.resamplers.check_resampler_type) when the matrix is
+    # expanded and again when the model is built: config sits below models and does not import them.
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -16,16 +16,13 @@ from typing import Any
 
 import yaml
 
-from panobench.config import check_resampler_type, config_to_dict, run_config_from_dict
+from panobench.config import config_to_dict, run_config_from_dict
 from panobench.errors import ConfigError
+from panobench.models.resamplers import check_resampler_type  # torch-free: the registry imports lazily
+from panobench.stages import CROP, EVAL_STAGE_NAMES, EVAL_STAGES, PER_CELL_STAGES, RECIPE_STAGE, STAGES, run_dir
 
-CROP = "anyres-e2p"                       # the seed's crop name, kept in the checkpoint layout
-TRAIN_STAGES = ("resampler", "finetune")  # stages trained per cell
-# What each evaluation captions with: baseline = the untrained stage-2 start (the floor); resampler/finetune = that
-# stage's best.ckpt; blind = the finetuned model shown a constant grey panorama (does it use the image at all?).
-EVAL_STAGES = ("baseline", "resampler", "finetune", "blind")
-EVAL_CHECKPOINT_STAGE: dict[str, str | None] = {"baseline": None, "resampler": "resampler", "finetune": "finetune",
-                                                "blind": "finetune"}
+TRAIN_STAGES = PER_CELL_STAGES   # stages trained per cell (the stage table decides)
+EVAL_CHECKPOINT_STAGE: dict[str, str | None] = {e.name: e.weights for e in EVAL_STAGES.values()}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -159,8 +156,29 @@ def runs_root(wf: dict[str, Any]) -> str:
 
 
 def stage_dir(wf: dict[str, Any], experiment: str, stage: str, resampler: str) -> str:
-    """The seed's layout: runs/<experiment>/<stage>/<crop>_<resampler>/ (experiment = cell or recipe id)."""
-    return f"{runs_root(wf)}/{experiment}/{stage}/{CROP}_{resampler}"
+    """The seed's layout: runs/<experiment>/<stage>/<crop>_<resampler>/ (experiment = cell or recipe id).
+
+    Plain formatting: the rules pass Snakemake wildcards (``"{cell}"``) for ``experiment`` and ``resampler``.
+    """
+    return run_dir(wf.get("runs_dir", "runs"), wf["name"], experiment, stage, resampler)
+
+
+def stage_marker(wf: dict[str, Any], experiment: str, stage: str, resampler: str) -> str:
+    """The file whose presence marks a finished stage (written last by ``panobench train``)."""
+    return f"{stage_dir(wf, experiment, stage, resampler)}/measurements.json"
+
+
+def _job_stem(stage: str, experiment: str, resampler: str) -> str:
+    # Per-cell stages nest under the cell like their run directory; a shared stage-1 recipe is one flat file.
+    return f"{experiment}/{CROP}_{resampler}" if STAGES[stage].per_cell else f"{experiment}_{resampler}"
+
+
+def train_log(wf: dict[str, Any], experiment: str, stage: str, resampler: str) -> str:
+    return f"logs/{wf['name']}/train_{stage}/{_job_stem(stage, experiment, resampler)}.log"
+
+
+def train_benchmark(wf: dict[str, Any], experiment: str, stage: str, resampler: str) -> str:
+    return f"benchmarks/{wf['name']}/train_{stage}/{_job_stem(stage, experiment, resampler)}.tsv"
 
 
 def config_path(wf: dict[str, Any], experiment: str) -> str:
@@ -173,7 +191,7 @@ def eval_dir(wf: dict[str, Any], cell_id: str, stage: str) -> str:
 
 def vision_checkpoint_file(wf: dict[str, Any], vis: VisionCheckpoint) -> str | None:
     if vis.kind == "train":
-        return f"{stage_dir(wf, vis.recipe_id, 'vision', vis.resampler)}/best.ckpt"
+        return f"{stage_dir(wf, vis.recipe_id, RECIPE_STAGE, str(vis.resampler))}/best.ckpt"
     if vis.kind == "path":
         return vis.path
     return None
@@ -265,9 +283,9 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
             "stages": {
                 stage: {
                     "run_dir": stage_dir(wf, cid, stage, cell.resampler),
-                    "measurements": f"{stage_dir(wf, cid, stage, cell.resampler)}/measurements.json",
-                    "log": f"logs/{wf['name']}/train_{stage}/{cid}/{CROP}_{cell.resampler}.log",
-                    "benchmark": f"benchmarks/{wf['name']}/train_{stage}/{cid}/{CROP}_{cell.resampler}.tsv",
+                    "measurements": stage_marker(wf, cid, stage, cell.resampler),
+                    "log": train_log(wf, cid, stage, cell.resampler),
+                    "benchmark": train_benchmark(wf, cid, stage, cell.resampler),
                 }
                 for stage in TRAIN_STAGES
             },
@@ -279,12 +297,12 @@ def manifest(wf: dict[str, Any]) -> dict[str, Any]:
                     "log": generate_log(wf, cid),
                     "benchmark": generate_benchmark(wf, cid),   # one generate job per cell serves every stage
                 }
-                for stage in wf.get("eval_stages", EVAL_STAGES)
+                for stage in wf.get("eval_stages", EVAL_STAGE_NAMES)
             },
         })
     recipes = [{"recipe_id": v.recipe_id, "name": v.name,
-                "measurements": f"{stage_dir(wf, v.recipe_id, 'vision', str(v.resampler))}/measurements.json",
-                "benchmark": f"benchmarks/{wf['name']}/train_vision/{v.recipe_id}_{v.resampler}.tsv"}
+                "measurements": stage_marker(wf, v.recipe_id, RECIPE_STAGE, str(v.resampler)),
+                "benchmark": train_benchmark(wf, v.recipe_id, RECIPE_STAGE, str(v.resampler))}
                for v in vision_recipes(wf)]
     return {"name": wf["name"], "cells": cells, "vision_recipes": recipes,
             "overlaps": [float(o) for o in wf["matrix"]["overlaps"]], "tokens_per_view": tokens_per_view(wf),

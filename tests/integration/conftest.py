@@ -127,7 +127,7 @@ class TrainedCell:
 
 @pytest.fixture(scope="session")
 def trained_cell(tiny: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> TrainedCell:
-    from panobench.training.builder import stage_dir
+    from panobench.stages import stage_dir
     from panobench.training.runner import train_stage
 
     runs = tmp_path_factory.mktemp("cell") / "runs"

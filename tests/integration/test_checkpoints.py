@@ -18,9 +18,10 @@ import torch
 import panobench.training.runner as runner
 from panobench.config import dump_run_config
 from panobench.errors import CheckpointError, TrainingError
-from panobench.training.builder import build_stage, load_checkpoint_file, load_stage_checkpoint
+from panobench.models.checkpoint import load_checkpoint_file, load_stage_checkpoint
+from panobench.stages import component_of
+from panobench.training.builder import build_stage
 from panobench.training.runner import train_stage
-from panobench.training.stages import component_of
 from panobench.training.system import PanoVLMSystem
 from panobench.utils.io import read_json
 
@@ -36,14 +37,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_checkpoint_of_another_resampler_config_is_refused(trained_cell, cfg_factory, resampler):
     system = build_stage(cfg_factory(resampler=resampler), "resampler").system
     with pytest.raises(CheckpointError, match="different model config.*resampler"):
-        load_stage_checkpoint(system, trained_cell.resampler_dir / "best.ckpt")
+        load_stage_checkpoint(system.model, system.cfg, system.stage, trained_cell.resampler_dir / "best.ckpt")
 
 
 def test_checkpoint_of_the_same_config_loads_exactly(trained_cell, cfg_factory):
     system = build_stage(cfg_factory(), "resampler").system
     saved = _weights(trained_cell.resampler_dir / "best.ckpt")
     assert any(not torch.equal(system.state_dict()[k], v) for k, v in saved.items())   # fresh init differs
-    meta = load_stage_checkpoint(system, trained_cell.resampler_dir / "best.ckpt")
+    meta = load_stage_checkpoint(system.model, system.cfg, system.stage, trained_cell.resampler_dir / "best.ckpt")
     assert meta["stage"] == "resampler"
     state = system.state_dict()
     assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
@@ -111,7 +112,7 @@ def test_hostile_or_broken_files_are_refused(trained_cell, cfg_factory, tmp_path
     for path, why in ((truncated, "not a readable"), (text, "not a readable"), (tensor_only, "not a panobench"),
                       (evil, "not a readable"), (tmp_path / "missing.ckpt", "not found")):
         with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + why if why != "not found" else why):
-            load_stage_checkpoint(system, path)
+            load_stage_checkpoint(system.model, system.cfg, system.stage, path)
         with pytest.raises(CheckpointError):
             build_stage(cfg_factory(), "resampler", vision_checkpoint=str(path))
         with pytest.raises(CheckpointError):

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from panobench.training.builder import build_stage, compile_blocks
+from panobench.models.assembly import compile_blocks
+from panobench.stages import component_of
+from panobench.training.builder import build_stage
 from panobench.training.datamodule import PanoDataModule
-from panobench.training.stages import component_of
 from panobench.utils.io import read_json
 
 VISION_LAYERS = "model.vision.model.encoder.layers."  # SiglipVisionModel under transformers 5

@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from panobench.measurement.flops import count_model_flops
-from panobench.training.builder import attach_lora, build_model, enable_gradient_checkpointing
+from panobench.models.assembly import attach_lora, build_model, enable_gradient_checkpointing
+from panobench.stages import component_of
 from panobench.training.datamodule import PanoDataModule
-from panobench.training.stages import component_of
 from panobench.training.system import PanoVLMSystem
 
 

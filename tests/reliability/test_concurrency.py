@@ -40,7 +40,7 @@ def test_atomic_checkpoint_io_replaces_the_file_whole(tmp_path, monkeypatch):
     import pytest
     import torch
 
-    from panobench.utils.checkpoint_io import AtomicCheckpointIO
+    from panobench.training.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "run" / "last.ckpt"

@@ -22,15 +22,11 @@ from transformers import (
 )
 
 from panobench.cli import main
+from panobench.data.prompts import IM_END, IM_START, VISION_END, VISION_PLACEHOLDER, VISION_START
 from panobench.errors import CheckpointError, ConfigError, InputError
 from panobench.models.backbones import (
     FULL_LLM_ARCH,
     FULL_VISION_ARCH,
-    IM_END,
-    IM_START,
-    VISION_END,
-    VISION_PLACEHOLDER,
-    VISION_START,
     load_language_model,
     load_tokenizer,
     load_vision_backbone,

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from panobench.data.prompts import IGNORE_INDEX, PromptBuilder
+from panobench.data.prompts import (
+    IGNORE_INDEX,
+    IM_END,
+    IM_START,
+    VISION_END,
+    VISION_PLACEHOLDER,
+    VISION_START,
+    PromptBuilder,
+)
 from panobench.errors import ConfigError, InputError
-from panobench.models.backbones import IM_END, IM_START, VISION_END, VISION_PLACEHOLDER, VISION_START
 from panobench.models.materialize import train_tokenizer
 
 CORPUS = [

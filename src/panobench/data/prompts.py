@@ -18,9 +18,17 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from panobench.errors import ConfigError, InputError
-from panobench.models.backbones import END_OF_TEXT, IM_END, VISION_END, VISION_PLACEHOLDER, VISION_START
 
 logger = logging.getLogger(__name__)
+
+# Special tokens of the real Qwen3 tokenizer that frame the visual tokens; the tiny tokenizer (models/materialize.py)
+# defines the same strings so one prompt builder serves both.
+VISION_PLACEHOLDER = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
 
 IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
 DEFAULT_INSTRUCTION = "Describe the {query} in this panorama."

@@ -8,17 +8,16 @@ from pathlib import Path
 
 from panobench.config import load_run_config
 from panobench.errors import CheckpointError
+from panobench.stages import EVAL_STAGE_NAMES, eval_stage_of, get_stage
 from panobench.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from panobench.matrix import EVAL_STAGES
-
     p = subparsers.add_parser("generate", help="generate one caption per (image, query) group -> predictions.csv")
     p.add_argument("--config", required=True, help="resolved run config YAML")
-    p.add_argument("--stage", required=True, choices=EVAL_STAGES, nargs="+",
+    p.add_argument("--stage", required=True, choices=EVAL_STAGE_NAMES, nargs="+",
                    help="baseline = untrained stage-2 start weights; resampler/finetune = that stage's best.ckpt; "
                         "blind = the finetuned model shown a constant grey panorama (several stages in one call "
                         "share the start-up cost)")
@@ -64,10 +63,12 @@ def _eval(args: argparse.Namespace) -> int:
                               "checkpoint_metadata.json)")
     cfg = load_run_config(run_dir / "config.yaml")
     stage = read_json(meta_file)["stage"]
-    if stage == "vision":
-        raise CheckpointError(f"{run_dir}: a stage-1 (vision) run has no language model to caption with")
+    eval_stage = eval_stage_of(stage)
+    if eval_stage is None:
+        raise CheckpointError(f"{run_dir}: a stage-{get_stage(stage).number} ({stage}) run has no language model "
+                              "to caption with")
     out = Path(args.out) if args.out else run_dir / "eval"
-    generate_predictions(cfg, stage, out, csv_input=args.csv_input, checkpoint=find_checkpoint(run_dir))
+    generate_predictions(cfg, eval_stage, out, csv_input=args.csv_input, checkpoint=find_checkpoint(run_dir))
     score_predictions_file(out / "predictions.csv", out / "metrics.json", spice=args.spice)
     logger.info("wrote %s", out / "metrics.json")
     return 0

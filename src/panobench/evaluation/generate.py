@@ -30,12 +30,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from panobench.config import RunConfig, config_hash
+from panobench.data.collate import GenerateCollator
 from panobench.data.csvdata import PanoramaCaptionDataset
 from panobench.errors import CheckpointError
 from panobench.evaluation.predictions import GENERATION_SIDECAR, write_predictions
-from panobench.matrix import EVAL_CHECKPOINT_STAGE, EVAL_STAGES
-from panobench.training.builder import build_stage, load_stage_checkpoint, stage_dir
-from panobench.training.datamodule import GenerateCollator
+from panobench.models.assembly import build_stage_model
+from panobench.models.checkpoint import load_stage_checkpoint
+from panobench.stages import EVAL_STAGE_NAMES, EVAL_STAGES, stage_dir
 from panobench.utils.io import read_json, write_json_atomic
 from panobench.utils.repro import device_description, git_revision, package_versions, seed_everything
 
@@ -80,27 +81,28 @@ def _use_fast_path(cfg: RunConfig) -> tuple[bool, bool]:
     return static, static and compiled
 
 
-def _load(cfg: RunConfig, stage: str, checkpoint: str | Path | None, device: torch.device) -> _Loaded:
+def _load(cfg: RunConfig, stage: str, checkpoint: str | Path | None, device: torch.device,
+          vision_checkpoint: str | Path | None = None) -> _Loaded:
     """Build (or reuse) the model that ``stage`` generates with."""
-    weights_stage = EVAL_CHECKPOINT_STAGE[stage]
+    spec = EVAL_STAGES[stage]
+    weights_stage = spec.weights
     ckpt_path = None
     if weights_stage is not None:
         ckpt_path = Path(checkpoint) if checkpoint else find_checkpoint(stage_dir(cfg, weights_stage))
     # The checkpoint's size and mtime too: a file replaced in place is a different model.
     stamp = (str(ckpt_path.resolve()), ckpt_path.stat().st_size, ckpt_path.stat().st_mtime_ns) \
         if ckpt_path and ckpt_path.is_file() else str(ckpt_path)
-    key = (config_hash(cfg), weights_stage, stamp, str(device))
+    key = (config_hash(cfg), weights_stage, stamp, str(device), str(vision_checkpoint))
     cached = _LOADED.get("model")
     if cached is not None and cached.key == key:
         return cached
     _LOADED.clear()                   # frees the previous model before the next is built
     checkpoint_step = None
-    if weights_stage is None:
-        built = build_stage(cfg, "resampler", freeze=False)
-    else:
-        built = build_stage(cfg, weights_stage, freeze=False)
-        checkpoint_step = load_stage_checkpoint(built.system, ckpt_path).get("global_step")
-    model = built.system.model.to(device).eval()
+    # The previous stage's weights are not loaded: the stage checkpoint overwrites every component inherited from it.
+    built = build_stage_model(cfg, spec.builds, vision_checkpoint=vision_checkpoint, load_previous=False)
+    if weights_stage is not None:
+        checkpoint_step = load_stage_checkpoint(built.model, cfg, weights_stage, ckpt_path).get("global_step")
+    model = built.model.to(device).eval()
     lora_merged = None
     if hasattr(model.lm, "merge_and_unload"):          # a peft model: stage-3 weights
         lora_merged = bool(cfg.eval.merge_lora)
@@ -162,17 +164,19 @@ def _dynamo_graphs() -> int:
 
 
 def generate_predictions(cfg: RunConfig, stage: str, out_dir: str | Path, *, csv_input: str | None = None,
-                         checkpoint: str | Path | None = None,
-                         data_fingerprint: str | Path | None = None) -> dict[str, Any]:
+                         checkpoint: str | Path | None = None, data_fingerprint: str | Path | None = None,
+                         vision_checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Generate captions for every (image, query) group of ``csv_input`` (default: the config's test CSV).
 
     ``data_fingerprint``: JSON from ``panobench fingerprint``, recorded in generation.json as ``data``.
+    ``vision_checkpoint``: the stage-1 checkpoint to take the vision tower from (default ``vision.checkpoint``).
     """
     if stage not in EVAL_STAGES:
-        raise ValueError(f"unknown eval stage {stage!r}; expected one of {EVAL_STAGES}")
+        raise ValueError(f"unknown eval stage {stage!r}; expected one of {EVAL_STAGE_NAMES}")
+    grey = EVAL_STAGES[stage].image == "grey"
     seed_everything(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.runtime.accelerator != "cpu" else "cpu")
-    loaded = _load(cfg, stage, checkpoint, device)
+    loaded = _load(cfg, stage, checkpoint, device, vision_checkpoint)
     model, prompts = loaded.model, loaded.prompts
 
     csv_path = csv_input or cfg.data.test_csv
@@ -193,7 +197,7 @@ def generate_predictions(cfg: RunConfig, stage: str, out_dir: str | Path, *, csv
 
     def run(batch: dict[str, Any], marks: dict[str, float] | None) -> torch.Tensor:
         erp = batch["erp"]
-        if stage == "blind":
+        if grey:
             erp = torch.full_like(erp, BLIND_GREY)   # no image information; prompt and decoding unchanged
         on_prefilled = None
         if marks is not None:
@@ -272,7 +276,7 @@ def generate_predictions(cfg: RunConfig, stage: str, out_dir: str | Path, *, csv
     generation = {
         "stage": stage, "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
         "checkpoint_step": loaded.checkpoint_step,
-        "image": f"constant grey {BLIND_GREY}" if stage == "blind" else "dataset", "cell_id": cfg.cell_id,
+        "image": f"constant grey {BLIND_GREY}" if grey else "dataset", "cell_id": cfg.cell_id,
         "config_hash": config_hash(cfg), "csv": str(csv_path), "decoding": decoding, "num_samples": n,
         # Speed: timed batches only (after the warm-up); prefill = vision encoding + prompt, up to the first token.
         "generated_tokens": new_tokens, "decode_tokens": decode_tokens, "seconds": seconds,

@@ -1,6 +1,6 @@
 """anyres-e2p geometry: tile plans, the perspective renderer, per-token rays and the tiling contact sheet.
 
-Public names are re-exported lazily so that importing the CLI (``panobench.geometry.commands``) stays cheap.
+Public names are re-exported lazily so that importing the CLI (``panobench.data.tiles_commands``) stays cheap.
 """
 
 from __future__ import annotations

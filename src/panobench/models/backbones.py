@@ -29,18 +29,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from panobench.data.prompts import IM_END, VISION_END, VISION_PLACEHOLDER, VISION_START
 from panobench.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
-
-# Special tokens of the real Qwen3 tokenizer that frame the visual tokens; the tiny tokenizer defines the same
-# strings so one prompt builder serves both.
-VISION_PLACEHOLDER = "<|image_pad|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-END_OF_TEXT = "<|endoftext|>"
 
 INITS = ("pretrained", "random")
 

@@ -20,18 +20,19 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from panobench.data.prompts import DEFAULT_INSTRUCTION, IGNORE_INDEX, PromptBuilder
-from panobench.errors import ConfigError, InputError
-from panobench.models.backbones import (
+from panobench.data.prompts import (
+    DEFAULT_INSTRUCTION,
     END_OF_TEXT,
+    IGNORE_INDEX,
     IM_END,
     IM_START,
     VISION_END,
     VISION_PLACEHOLDER,
     VISION_START,
-    load_language_model,
-    load_vision_backbone,
+    PromptBuilder,
 )
+from panobench.errors import ConfigError, InputError
+from panobench.models.backbones import load_language_model, load_vision_backbone
 from panobench.utils.io import atomic_dir, write_json_atomic
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from panobench.config import RunConfig
+from panobench.data.prompts import IGNORE_INDEX
 from panobench.geometry.rays import view_geometry
 from panobench.geometry.render import render_views
 from panobench.geometry.tiling import plan_tiles
@@ -26,8 +27,6 @@ from panobench.models.pe import PanoramaPE, token_layout
 from panobench.models.resamplers import build_resampler
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class VisionEncoder(nn.Module):

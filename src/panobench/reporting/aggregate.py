@@ -20,12 +20,12 @@ from typing import Any
 import pandas as pd
 
 from panobench.errors import InputError
-from panobench.matrix import EVAL_CHECKPOINT_STAGE
+from panobench.stages import EVAL_STAGES, PER_CELL_STAGES, STAGE_NAMES
 from panobench.utils.io import atomic_path, read_json
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STAGES = ("resampler", "finetune")
+TRAIN_STAGES = PER_CELL_STAGES   # one results row per cell x stage trained for it
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 KNOB_COLUMNS = ("cell_id", "overlap", "fov", "resampler", "vision_checkpoint", "seed")
 VERSION_PACKAGES = ("torch", "transformers", "peft", "lightning", "cuda", "mamba-ssm")
@@ -137,7 +137,7 @@ VISION_RECIPE_COLUMNS: tuple[str, ...] = (
 # One row per Snakemake job the GPU-hour bill counts (jobs.csv): GPU jobs (train_*, generate) and the CPU score job.
 JOB_COLUMNS: tuple[str, ...] = ("rule", "target", "gpu", "status", "devices", "bench_s", "bench_max_rss_mb",
                                 "projected_s")
-GPU_RULES = ("train_vision", "train_resampler", "train_finetune", "generate")
+GPU_RULES = (*(f"train_{s}" for s in STAGE_NAMES), "generate")
 
 NAN = float("nan")
 
@@ -286,7 +286,7 @@ def _stage_row(cell: Mapping[str, Any], stage: str, root: Path, baseline: Mappin
     for m in METRICS:
         row[f"delta_{m}"] = row[m] - base[f"baseline_{m}"]     # NaN propagates when either side is missing
     # The blind eval captions with one stage's checkpoint (finetune): only that row is compared with it.
-    sighted = stage == EVAL_CHECKPOINT_STAGE["blind"]
+    sighted = stage == EVAL_STAGES["blind"].weights
     blind_metrics = _metrics(blind if sighted else None, "blind_")
     row.update(blind_metrics)
     for m in METRICS:

@@ -41,6 +41,7 @@ from panobench.reporting.aggregate import (
     read_table,
     vision_recipes_path,
 )
+from panobench.stages import EVAL_STAGE_NAMES, RECIPE_STAGE
 
 HOUR = 3600.0
 # Columns of results.csv the projection needs (vision_recipes.csv: the same minus the cell-only ones).
@@ -112,9 +113,9 @@ def target_jobs(wf: dict[str, Any]) -> list[dict[str, Any]]:
         recipes = pm.vision_recipes(wf)
     except (KeyError, TypeError) as err:
         raise ConfigError(f"workflow config {wf.get('name')!r} is incomplete: {err!r}") from err
-    eval_stages = list(wf.get("eval_stages", pm.EVAL_STAGES))
+    eval_stages = list(wf.get("eval_stages", EVAL_STAGE_NAMES))
     jobs = []
-    for experiment, resampler, stages in ([(r.recipe_id, str(r.resampler), ("vision",)) for r in recipes]
+    for experiment, resampler, stages in ([(r.recipe_id, str(r.resampler), (RECIPE_STAGE,)) for r in recipes]
                                           + [(c.cell_id, c.resampler, TRAIN_STAGES) for c in cells]):
         resolved = experiments[experiment]
         for stage in stages:
@@ -139,7 +140,7 @@ def _measured_training(results: pd.DataFrame, recipes: pd.DataFrame | None) -> p
     """
     frames = [results[list(TRAIN_MATCH_COLUMNS)]]
     if recipes is not None and not recipes.empty:
-        frames.append(recipes.assign(stage="vision")[list(TRAIN_MATCH_COLUMNS)])
+        frames.append(recipes.assign(stage=RECIPE_STAGE)[list(TRAIN_MATCH_COLUMNS)])
     rows = pd.concat(frames, ignore_index=True)
     rows = rows[rows["step_time_median_s"].notna() & rows["batch_size"].notna()]
     return rows.assign(devices=rows["devices"].fillna(1))   # records before `devices` was recorded ran on one

@@ -23,6 +23,7 @@ import pandas as pd
 from panobench import __version__
 from panobench.errors import InputError
 from panobench.reporting.aggregate import (
+    GPU_RULES,
     JOB_COLUMNS,
     jobs_path,
     jobs_table,
@@ -59,6 +60,7 @@ from panobench.reporting.tables import (
     provenance_table,
     resampler_order,
 )
+from panobench.stages import PER_CELL_STAGES
 from panobench.utils.io import atomic_dir, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -226,11 +228,10 @@ def _bill(results_csv: Path, df: pd.DataFrame, recipes: pd.DataFrame | None) -> 
     for target, group in gpu_jobs.groupby("target", sort=False):
         by_rule = dict(zip(group["rule"], wall[group.index], strict=True))
         proj = projected[group.index].sum(min_count=1)
-        row = [target, *(format_value(by_rule.get(r, math.nan)) for r in
-                         ("train_vision", "train_resampler", "train_finetune", "generate")),
+        row = [target, *(format_value(by_rule.get(r, math.nan)) for r in GPU_RULES),
                format_value(wall[group.index].sum(min_count=1)), format_value(proj)]
         steps = []
-        for stage in ("resampler", "finetune"):
+        for stage in PER_CELL_STAGES:
             if (target, stage) in schedule.index:
                 r = schedule.loc[(target, stage)]
                 steps.append(f"{format_value(r['configured_steps'])}×{format_value(r['accumulate_grad_batches'])}")
@@ -260,9 +261,9 @@ def _bill(results_csv: Path, df: pd.DataFrame, recipes: pd.DataFrame | None) -> 
     return {"summary": summary,
             "per_rule": {"headers": ["job", "runs on", "jobs", "measured", "wall (s)", "wall (h)",
                                      "projected train (h)"], "rows": per_rule},
-            "per_cell": {"headers": ["cell / recipe", "train_vision (s)", "train_resampler (s)", "train_finetune (s)",
-                                     "generate (s)", "GPU wall total (s)", "projected train (s)",
-                                     "steps × accumulation (resampler / finetune)"], "rows": per_cell},
+            "per_cell": {"headers": ["cell / recipe", *(f"{r} (s)" for r in GPU_RULES), "GPU wall total (s)",
+                                     "projected train (s)",
+                                     f"steps × accumulation ({' / '.join(PER_CELL_STAGES)})"], "rows": per_cell},
             "devices": devices}
 
 

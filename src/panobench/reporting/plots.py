@@ -34,6 +34,7 @@ from panobench.reporting.paired import (  # noqa: E402
 )
 from panobench.reporting.stats import t_errorbar, t_interval  # noqa: E402
 from panobench.reporting.tables import RESAMPLER_ORDER, memory_column, ok_rows, resampler_order  # noqa: E402
+from panobench.stages import PER_CELL_STAGES  # noqa: E402
 from panobench.utils.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ DPI = 120
 STYLE = "whitegrid"
 CONTEXT = "notebook"
 CAPTION_METRICS = (("CIDEr", "CIDEr"), ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"))
-STAGES = ("resampler", "finetune")
+STAGES = PER_CELL_STAGES   # the stages with a results row per cell
 _BASE_COLOURS = sns.color_palette("colorblind", 10)
 
 

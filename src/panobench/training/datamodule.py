@@ -1,4 +1,4 @@
-"""Data for training and evaluation: datasets, the shared prompt builder, collation, a resumable sampler.
+"""Data for training: the DataModule and a resumable sampler (collation: :mod:`panobench.data.collate`).
 
 The training order is a pure function of (seed, step): ``ResumableSampler`` lays out the whole run's sample
 sequence (concatenated seeded permutations) and starts at the number of samples already consumed, so a run resumed
@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from panobench.config import RunConfig
+from panobench.data.collate import TrainCollator
 from panobench.data.csvdata import PanoramaCaptionDataset
 from panobench.data.prompts import PromptBuilder
-from panobench.models.vlm import IGNORE_INDEX
 
 
 class ResumableSampler(Sampler[int]):
@@ -85,44 +85,6 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         return None
-
-
-class TrainCollator:
-    """Batch of dataset items -> erp [B,3,H,W] uint8, input_ids/attention_mask/labels [B, L] (right-padded)."""
-
-    def __init__(self, prompts: PromptBuilder, pad_id: int) -> None:
-        self.prompts, self.pad_id = prompts, pad_id
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        pairs = [self.prompts.training_example(it["query"], it["annotation"]) for it in items]
-        length = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, (ids, lab) in enumerate(pairs):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        return {"erp": torch.stack([it["erp"] for it in items]), "input_ids": input_ids, "attention_mask": mask,
-                "labels": labels}
-
-
-class GenerateCollator:
-    """Grouped eval items -> erp and left-padded prompt ids (batched generation needs left padding)."""
-
-    def __init__(self, prompts: PromptBuilder, pad_id: int) -> None:
-        self.prompts, self.pad_id = prompts, pad_id
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        prompts = [self.prompts.prompt_ids(it["query"]) for it in items]
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            input_ids[i, length - len(ids):] = torch.tensor(ids)
-            mask[i, length - len(ids):] = 1
-        return {"erp": torch.stack([it["erp"] for it in items]), "input_ids": input_ids, "attention_mask": mask,
-                "items": [{k: v for k, v in it.items() if k != "erp"} for it in items]}
 
 
 class PanoDataModule(pl.LightningDataModule):

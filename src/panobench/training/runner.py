@@ -29,10 +29,13 @@ from panobench.measurement.throughput import (
     peak_host_rss_gib,
     summarize_step_times,
 )
-from panobench.training.builder import build_device, build_stage, compile_blocks, stage_compiles, stage_dir
+from panobench.models.assembly import build_device, compile_blocks
+from panobench.models.checkpoint import load_checkpoint_file
+from panobench.stages import get_stage, stage_dir
+from panobench.training.builder import build_stage, stage_compiles
 from panobench.training.callbacks import GradientFlowCheck, LossCurve, ThroughputCallback
+from panobench.training.checkpoint_io import AtomicCheckpointIO
 from panobench.training.datamodule import PanoDataModule
-from panobench.utils.checkpoint_io import AtomicCheckpointIO
 from panobench.utils.io import read_json, write_json_atomic
 from panobench.utils.repro import device_description, git_revision, package_versions, seed_everything
 
@@ -77,12 +80,13 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     ``data_fingerprint``: the JSON written by ``panobench fingerprint`` for this config's data (computed here when
     not given); it is recorded in measurements.json so two runs can be told to have used the same data.
     """
+    spec = get_stage(stage)
     out = Path(run_dir) if run_dir else stage_dir(cfg, stage)
     if _check_run_dir(out, cfg):
         logger.info("%s: stage %s already completed with config %s; nothing to do", out, stage, config_hash(cfg))
         return read_json(out / "measurements.json")
-    if stage == "vision" and cfg.geometry.overlap <= 0.0:
-        raise ConfigError(f"stage 'vision' learns from overlapping tiles; geometry.overlap={cfg.geometry.overlap} "
+    if spec.objective == "vicreg" and cfg.geometry.overlap <= 0.0:
+        raise ConfigError(f"stage {stage!r} learns from overlapping tiles; geometry.overlap={cfg.geometry.overlap} "
                           "has no overlap (use e.g. 0.5)")
     seed_everything(cfg.seed)
     if cfg.runtime.deterministic:
@@ -140,7 +144,7 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
     record["data"] = data
     if not trainer.is_global_zero:   # DDP: rank 0 writes the stage's outputs
         return record
-    if stage == "finetune":
+    if spec.attaches_lora:
         system.model.lm.save_pretrained(out / "lora_weights", safe_serialization=True)
     write_json_atomic(out / "measurements.json", record)
     logger.info("stage %s done: %s", stage, {k: record["speed"][k] for k in ("samples_per_s", "step_time_median_s")})
@@ -153,8 +157,6 @@ def _best_validation(best: ModelCheckpoint, best_file: Path, system: Any) -> dic
     ``best_model_score`` is what ModelCheckpoint selected best.ckpt by (restored on resume); the step is read from
     best.ckpt itself, so the record names exactly the weights that evaluation loads.
     """
-    from panobench.training.builder import load_checkpoint_file
-
     score = best.best_model_score
     last = system.trainer.callback_metrics.get("val/loss") if system.trainer else None
     return {"best_val": float(score) if score is not None else None,
@@ -208,11 +210,12 @@ def _measurements(cfg: RunConfig, stage: str, system: Any, built: Any, tp: Throu
     batch = cfg.stages[stage].batch_size
     median = timing["step_time_median_s"]
     text_per_sample = (sum(tp.text_tokens) / max(1, sum(tp.samples))) if tp.samples else None
-    visual = desc["visual_tokens_per_sample"] if stage != "vision" else desc["num_views"] * desc[
-        "vision_tokens_per_view"]
+    # A stage without the LM (VICReg) sees every view's full token grid; the others what reaches the LM.
+    captions = get_stage(stage).captions
+    visual = desc["visual_tokens_per_sample"] if captions else desc["num_views"] * desc["vision_tokens_per_view"]
     world = system.trainer.world_size if system.trainer else 1   # DDP: every rank steps a batch of its own
     samples_per_s = batch * world / median if median else None
-    text_rate = samples_per_s * text_per_sample if samples_per_s and stage != "vision" else 0.0
+    text_rate = samples_per_s * text_per_sample if samples_per_s and captions else 0.0
     visual_rate = samples_per_s * visual if samples_per_s else None
     losses = system.step_losses
     counts = built.param_counts

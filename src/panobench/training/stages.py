@@ -1,8 +1,5 @@
-"""What each stage trains: the declared trainable set, applied and asserted at start (defect 2 of the original code).
-
-Components are named by parameter-name prefix inside :class:`PanoVLMSystem`:
-``vision`` (SigLIP), ``resampler``, ``projector``, ``pe``, ``vicreg`` (stage-1 projector), ``lora`` (adapter
-weights inside the LM) and ``lm`` (the LM's base weights, frozen in every stage).
+"""Freezing: a stage's declared trainable set (from the stage table), applied and asserted at start (defect 2 of
+the original code). Components are named as in :mod:`panobench.stages`.
 """
 
 from __future__ import annotations
@@ -13,35 +10,9 @@ from collections import defaultdict
 from torch import nn
 
 from panobench.errors import TrainingError
+from panobench.stages import component_of
 
 logger = logging.getLogger(__name__)
-
-COMPONENTS = ("vision", "resampler", "projector", "pe", "vicreg", "lora", "lm")
-
-
-def component_of(name: str) -> str:
-    """Component of a parameter name relative to the system (``model.`` / ``vicreg_projector.`` prefixes)."""
-    if name.startswith("vicreg_projector."):
-        return "vicreg"
-    rel = name.removeprefix("model.")
-    if rel.startswith("lm."):
-        return "lora" if "lora_" in rel else "lm"
-    head = rel.split(".", 1)[0]
-    if head not in COMPONENTS:
-        raise ValueError(f"parameter {name!r} belongs to no known component")
-    return head
-
-
-def declared_trainable(stage: str, *, resampler_has_grid: bool, train_resampler: bool) -> set[str]:
-    """The components a stage trains. Vision blocks: only the last N (see ``apply_freeze``)."""
-    if stage == "vision":
-        # Query-based resamplers have no token grid to apply the ray correspondences to, so stage 1 leaves them out.
-        return {"vision", "vicreg"} | ({"resampler"} if resampler_has_grid else set())
-    if stage == "resampler":
-        return {"resampler", "projector", "pe"}
-    if stage == "finetune":
-        return {"lora", "projector", "pe"} | ({"resampler"} if train_resampler else set())
-    raise ValueError(f"unknown stage {stage!r}")
 
 
 def apply_freeze(system: nn.Module, stage: str, declared: set[str], vision_trainable_blocks: int,
@@ -76,8 +47,8 @@ def apply_freeze(system: nn.Module, stage: str, declared: set[str], vision_train
         raise TrainingError(f"stage {stage!r}: trainable components {sorted(trained)} != declared {sorted(declared)}")
     if counts.get("lm", [0, 0])[0] != 0:
         raise TrainingError(f"stage {stage!r}: LM base weights must stay frozen")
-    if stage == "finetune" and counts.get("lora", [0, 0])[0] == 0:
-        raise TrainingError("stage 'finetune': no trainable LoRA parameters (is LoRA attached?)")
+    if "lora" in declared and counts.get("lora", [0, 0])[0] == 0:
+        raise TrainingError(f"stage {stage!r}: no trainable LoRA parameters (is LoRA attached?)")
     for comp, (t, total) in sorted(counts.items()):
         logger.info("stage %s: %-9s trainable %12d / %12d", stage, comp, t, total)
     return counts

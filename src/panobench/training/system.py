@@ -1,9 +1,8 @@
-"""PanoVLMSystem: the LightningModule for all three stages (loss, logging, checkpoint contents, optimizers).
+"""PanoVLMSystem: the LightningModule for every stage (loss, logging, checkpoint contents, optimizers).
 
-Checkpoints hold only what a stage changes or carries forward (resampler, projector, PE, LoRA; plus the vision
-encoder and VICReg projector in stage 1) — the frozen backbones are reloaded from their recorded source — together
-with ``checkpoint["panobench"]``: the model signature, config hash, stage and exact key list. Loading checks all
-of it and fails on any mismatch (defect 4 of the original code: silent ``strict=False`` loads).
+Checkpoints hold only what the stage table says a stage saves, in the format of :mod:`panobench.models.checkpoint`
+(which also loads them, strictly, for the next stage and for evaluation); resuming checks that a checkpoint comes
+from this very run.
 """
 
 from __future__ import annotations
@@ -17,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from panobench.config import RunConfig, config_hash, config_to_dict, model_signature
+from panobench.config import RunConfig
 from panobench.errors import CheckpointError, TrainingError
 from panobench.geometry.rays import pool_geometry, tile_correspondences
+from panobench.models.checkpoint import check_same_run, checkpoint_metadata, saved_keys
 from panobench.models.vlm import PanoVLM
-from panobench.training.stages import component_of
+from panobench.stages import get_stage
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
 
 
 def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim_w: float, var_w: float, cov_w: float) -> torch.Tensor:
@@ -46,17 +44,19 @@ def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim_w: float, var_w: float, 
 
 
 class PanoVLMSystem(pl.LightningModule):
-    """One training stage of a PanoVLM. ``saved_components`` decides what goes into checkpoints."""
+    """One training stage of a PanoVLM. The stage table's ``saved_components`` decides what goes into checkpoints."""
 
     def __init__(self, cfg: RunConfig, stage: str, model: PanoVLM) -> None:
         super().__init__()
         self.cfg, self.stage, self.model = cfg, stage, model
+        self.spec = get_stage(stage)
         self.stage_cfg = cfg.stages[stage]
         self.strict_loading = False   # frozen backbones are not in our checkpoints; on_load_checkpoint checks keys
         self.vicreg_projector: nn.Module | None = None
         self.vision_checkpoint: str | None = None   # stage-1 checkpoint the vision encoder came from (set by builder)
         self.step_losses: list[float] = []
-        if stage == "vision":
+        self.vicreg_uses_resampler = False
+        if self.spec.objective == "vicreg":
             self._setup_vicreg()
 
     # ------------------------------------------------------------------------------------------------ stage 1
@@ -83,7 +83,7 @@ class PanoVLMSystem(pl.LightningModule):
 
     @property
     def num_vicreg_pairs(self) -> int:
-        return int(self.vicreg_index_a.numel()) if self.stage == "vision" else 0
+        return int(self.vicreg_index_a.numel()) if self.spec.objective == "vicreg" else 0
 
     def _vicreg_step(self, erp: torch.Tensor) -> torch.Tensor:
         tokens = self.model.vision_tokens(erp)                 # [B, V, S, Dv]; global view excluded by the index
@@ -101,7 +101,7 @@ class PanoVLMSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ steps
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        if self.stage == "vision":
+        if self.spec.objective == "vicreg":
             return self._vicreg_step(batch["erp"])
         out = self.model(batch["erp"], batch["input_ids"], batch["attention_mask"], batch["labels"])
         return out["loss"]
@@ -142,29 +142,13 @@ class PanoVLMSystem(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def saved_components(self) -> set[str]:
-        if self.stage == "vision":
-            return {"vision", "vicreg"} | ({"resampler"} if self.vicreg_uses_resampler else set())
-        if self.stage == "resampler":
-            return {"resampler", "projector", "pe"}
-        return {"resampler", "projector", "pe", "lora"}
-
     def saved_keys(self) -> list[str]:
-        keep = self.saved_components()
-        return sorted(k for k in super().state_dict() if component_of(k) in keep)
+        model = self.model
+        return saved_keys(super().state_dict(), self.cfg, self.stage,
+                          resampler_has_grid=model.resampler.output_grid(model.vision.grid) is not None)
 
     def checkpoint_metadata(self) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "stage": self.stage,
-            "cell_id": self.cfg.cell_id,
-            "config_hash": config_hash(self.cfg),
-            "model_signature": model_signature(self.cfg),
-            "resampler": {"type": self.cfg.resampler.type, "config": self.model.resampler.config_dict()},
-            "keys": self.saved_keys(),
-            "vision_checkpoint": self.vision_checkpoint,
-            "resolved_config": config_to_dict(self.cfg),
-        }
+        return checkpoint_metadata(self.cfg, self.stage, self.model, self.saved_keys(), self.vision_checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = set(self.saved_keys())
@@ -183,11 +167,3 @@ class PanoVLMSystem(pl.LightningModule):
             raise CheckpointError(f"resume checkpoint keys differ: missing {sorted(expected - got)[:3]}, "
                                   f"unexpected {sorted(got - expected)[:3]}")
 
-
-def check_same_run(meta: dict[str, Any], current: dict[str, Any], *, what: str) -> None:
-    if meta.get("stage") != current["stage"]:
-        raise CheckpointError(f"{what} is from stage {meta.get('stage')!r}, expected {current['stage']!r}")
-    if meta.get("model_signature") != current["model_signature"]:
-        diff = sorted(k for k in current["model_signature"]
-                      if meta.get("model_signature", {}).get(k) != current["model_signature"][k])
-        raise CheckpointError(f"{what} was written for a different model config (differs in: {', '.join(diff)})")

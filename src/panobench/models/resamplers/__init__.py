@@ -51,6 +51,12 @@ class _Registry(Mapping[str, tuple[type, type]]):
 RESAMPLERS = _Registry()
 
 
+def check_resampler_type(name: str, where: str = "resampler.type") -> None:
+    """Raise ConfigError unless ``name`` is a key of the registry (torch-free: the workflow checks every cell)."""
+    if name not in RESAMPLERS:
+        raise ConfigError(f"config key {where}: unknown resampler {name!r}; expected one of {sorted(RESAMPLERS)}")
+
+
 def build_resampler(name: str, in_dim: int, params: dict[str, Any] | None = None, *,
                     tokens_per_view: int | None = None, input_grid: int | None = None) -> Resampler:
     """Build resampler ``name`` for vision width ``in_dim`` from plain hyper-parameters.
@@ -100,4 +106,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{module_name}"), attr)
 
 
-__all__ = ["RESAMPLERS", "build_resampler", *sorted(_LAZY)]
+__all__ = ["RESAMPLERS", "build_resampler", "check_resampler_type", *sorted(_LAZY)]

@@ -1,4 +1,7 @@
-"""Subcommands of this concern (registered by panobench.cli): ``panobench tiles``."""
+"""Subcommand ``panobench tiles`` (registered by panobench.cli): a panorama's tiling as a contact sheet.
+
+It lives with the data concern, not in geometry, because it may read its panorama from a dataset CSV.
+"""
 
 from __future__ import annotations
 
