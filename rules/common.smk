@@ -19,6 +19,7 @@ EXPERIMENTS = pm.experiments(
 CELLS = {c.cell_id: c for c in pm.expand_cells(config)}
 RECIPES = {v.recipe_id: v for v in pm.vision_recipes(config)}
 EVAL_STAGES = config["eval_stages"]
+TRAIN = {stage: pm.train_patterns(config, stage) for stage in pm.STAGES}
 RES = config["resources"]
 
 
@@ -76,9 +77,7 @@ def vision_input(cell_id):
     """A cell's stage-1 dependency: the recipe's completion marker (a `path` checkpoint must exist already)."""
     vis = CELLS[cell_id].vision
     if vis.kind == "train":
-        return [
-            f"{pm.stage_dir(config, vis.recipe_id, 'vision', vis.resampler)}/measurements.json"
-        ]
+        return [pm.stage_marker(config, vis.recipe_id, pm.RECIPE_STAGE, vis.resampler)]
     if vis.kind == "path":
         return [vis.path]
     return []
@@ -89,7 +88,13 @@ def get_resolved_json(wildcards):
 
 
 def get_stage_marker(cell_id, stage):
-    return f"{pm.stage_dir(config, cell_id, stage, CELLS[cell_id].resampler)}/measurements.json"
+    return pm.stage_marker(config, cell_id, stage, CELLS[cell_id].resampler)
+
+
+def get_previous_stage_marker(cell_id, stage):
+    """The marker of the stage whose checkpoint ``stage`` starts from (the stage table's ``previous``), if any."""
+    previous = pm.STAGES[stage].previous
+    return [get_stage_marker(cell_id, previous)] if previous else []
 
 
 def get_generate_inputs(wildcards):

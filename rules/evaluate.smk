@@ -7,8 +7,12 @@ rule generate:
     input:
         unpack(get_generate_inputs),
     output:
-        predictions=[f"{RUNS}/{{cell}}/eval/{s}/predictions.csv" for s in EVAL_STAGES],
-        generation=[f"{RUNS}/{{cell}}/eval/{s}/generation.json" for s in EVAL_STAGES],
+        predictions=[
+            f"{pm.eval_dir(config, '{cell}', s)}/predictions.csv" for s in EVAL_STAGES
+        ],
+        generation=[
+            f"{pm.eval_dir(config, '{cell}', s)}/generation.json" for s in EVAL_STAGES
+        ],
     log:
         f"logs/{NAME}/generate/{{cell}}.log",
     benchmark:

@@ -1,21 +1,21 @@
 # Training stages. Each job resumes from its last.ckpt when re-run after an interruption (--rerun-incomplete,
 # SLURM retries); measurements.json is written last and marks the stage complete. last.ckpt/best.ckpt are not
 # declared outputs on purpose: Snakemake deletes the outputs of an incomplete job before re-running it, which
-# would throw away the checkpoint to resume from.
+# would throw away the checkpoint to resume from. Every path comes from panobench.matrix (TRAIN, common.smk).
 
 
 rule train_vision:
     input:
-        cfg=f"results/{NAME}/configs/{{recipe}}.yaml",
+        cfg=TRAIN["vision"]["config"],
         data=data_inputs(),
         fingerprint=data_fingerprint_file(),
         models=model_inputs(),
     output:
-        f"{RUNS}/{{recipe}}/vision/anyres-e2p_{{resampler}}/measurements.json",
+        TRAIN["vision"]["marker"],
     log:
-        f"logs/{NAME}/train_vision/{{recipe}}_{{resampler}}.log",
+        TRAIN["vision"]["log"],
     benchmark:
-        f"benchmarks/{NAME}/train_vision/{{recipe}}_{{resampler}}.tsv"
+        TRAIN["vision"]["benchmark"]
     threads: RES["train_threads"]
     resources:
         gpu=1,
@@ -28,17 +28,20 @@ rule train_vision:
 
 rule train_resampler:
     input:
-        cfg=f"results/{NAME}/configs/{{cell}}.yaml",
+        cfg=TRAIN["resampler"]["config"],
         data=data_inputs(),
         fingerprint=data_fingerprint_file(),
         models=model_inputs(),
         vision=lambda wildcards: vision_input(wildcards.cell),
+        previous=lambda wildcards: get_previous_stage_marker(
+            wildcards.cell, "resampler"
+        ),
     output:
-        f"{RUNS}/{{cell}}/resampler/anyres-e2p_{{resampler}}/measurements.json",
+        TRAIN["resampler"]["marker"],
     log:
-        f"logs/{NAME}/train_resampler/{{cell}}/anyres-e2p_{{resampler}}.log",
+        TRAIN["resampler"]["log"],
     benchmark:
-        f"benchmarks/{NAME}/train_resampler/{{cell}}/anyres-e2p_{{resampler}}.tsv"
+        TRAIN["resampler"]["benchmark"]
     threads: RES["train_threads"]
     resources:
         gpu=1,
@@ -51,18 +54,18 @@ rule train_resampler:
 
 rule train_finetune:
     input:
-        cfg=f"results/{NAME}/configs/{{cell}}.yaml",
+        cfg=TRAIN["finetune"]["config"],
         data=data_inputs(),
         fingerprint=data_fingerprint_file(),
         models=model_inputs(),
         vision=lambda wildcards: vision_input(wildcards.cell),
-        stage2=lambda wildcards: get_stage_marker(wildcards.cell, "resampler"),
+        previous=lambda wildcards: get_previous_stage_marker(wildcards.cell, "finetune"),
     output:
-        f"{RUNS}/{{cell}}/finetune/anyres-e2p_{{resampler}}/measurements.json",
+        TRAIN["finetune"]["marker"],
     log:
-        f"logs/{NAME}/train_finetune/{{cell}}/anyres-e2p_{{resampler}}.log",
+        TRAIN["finetune"]["log"],
     benchmark:
-        f"benchmarks/{NAME}/train_finetune/{{cell}}/anyres-e2p_{{resampler}}.tsv"
+        TRAIN["finetune"]["benchmark"]
     threads: RES["train_threads"]
     resources:
         gpu=1,

@@ -181,6 +181,16 @@ def train_benchmark(wf: dict[str, Any], experiment: str, stage: str, resampler: 
     return f"benchmarks/{wf['name']}/train_{stage}/{_job_stem(stage, experiment, resampler)}.tsv"
 
 
+def train_patterns(wf: dict[str, Any], stage: str) -> dict[str, str]:
+    """A training rule's file patterns (Snakemake wildcards ``{cell}`` or ``{recipe}``, and ``{resampler}``):
+    its config input, completion marker, log and benchmark."""
+    experiment = "{cell}" if STAGES[stage].per_cell else "{recipe}"
+    return {"config": config_path(wf, experiment),
+            "marker": stage_marker(wf, experiment, stage, "{resampler}"),
+            "log": train_log(wf, experiment, stage, "{resampler}"),
+            "benchmark": train_benchmark(wf, experiment, stage, "{resampler}")}
+
+
 def config_path(wf: dict[str, Any], experiment: str) -> str:
     return f"results/{wf['name']}/configs/{experiment}.yaml"
 
