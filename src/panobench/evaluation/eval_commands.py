@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from panobench.evaluation.generate import find_checkpoint, generate_predictions
     from panobench.evaluation.predictions import score_predictions_file
+    from panobench.models.checkpoint import run_workdir
 
     run_dir = Path(args.checkpoint_dir)
     meta_file = run_dir / "checkpoint_metadata.json"
@@ -62,13 +64,22 @@ def _eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{run_dir}: not a panobench run directory (needs config.yaml and "
                               "checkpoint_metadata.json)")
     cfg = load_run_config(run_dir / "config.yaml")
-    stage = read_json(meta_file)["stage"]
+    meta = read_json(meta_file)
+    stage = meta["stage"]
     eval_stage = eval_stage_of(stage)
     if eval_stage is None:
         raise CheckpointError(f"{run_dir}: a stage-{get_stage(stage).number} ({stage}) run has no language model "
                               "to caption with")
     out = Path(args.out) if args.out else run_dir / "eval"
-    generate_predictions(cfg, eval_stage, out, csv_input=args.csv_input, checkpoint=find_checkpoint(run_dir))
+    csv_input, checkpoint = args.csv_input, find_checkpoint(run_dir)
+    # The config's relative paths (backbones, data, the stage-1 checkpoint) refer to the training run's working
+    # directory, which the run directory names relative to itself: generate from there, wherever we are.
+    workdir = run_workdir(cfg, meta, run_dir)
+    if workdir is not None:
+        out, checkpoint = out.absolute(), checkpoint.absolute()
+        csv_input = str(Path(csv_input).absolute()) if csv_input else None
+    with contextlib.chdir(workdir) if workdir is not None else contextlib.nullcontext():
+        generate_predictions(cfg, eval_stage, out, csv_input=csv_input, checkpoint=checkpoint)
     score_predictions_file(out / "predictions.csv", out / "metrics.json", spice=args.spice)
     logger.info("wrote %s", out / "metrics.json")
     return 0

@@ -81,8 +81,7 @@ def _use_fast_path(cfg: RunConfig) -> tuple[bool, bool]:
     return static, static and compiled
 
 
-def _load(cfg: RunConfig, stage: str, checkpoint: str | Path | None, device: torch.device,
-          vision_checkpoint: str | Path | None = None) -> _Loaded:
+def _load(cfg: RunConfig, stage: str, checkpoint: str | Path | None, device: torch.device) -> _Loaded:
     """Build (or reuse) the model that ``stage`` generates with."""
     spec = EVAL_STAGES[stage]
     weights_stage = spec.weights
@@ -92,14 +91,14 @@ def _load(cfg: RunConfig, stage: str, checkpoint: str | Path | None, device: tor
     # The checkpoint's size and mtime too: a file replaced in place is a different model.
     stamp = (str(ckpt_path.resolve()), ckpt_path.stat().st_size, ckpt_path.stat().st_mtime_ns) \
         if ckpt_path and ckpt_path.is_file() else str(ckpt_path)
-    key = (config_hash(cfg), weights_stage, stamp, str(device), str(vision_checkpoint))
+    key = (config_hash(cfg), weights_stage, stamp, str(device))
     cached = _LOADED.get("model")
     if cached is not None and cached.key == key:
         return cached
     _LOADED.clear()                   # frees the previous model before the next is built
     checkpoint_step = None
     # The previous stage's weights are not loaded: the stage checkpoint overwrites every component inherited from it.
-    built = build_stage_model(cfg, spec.builds, vision_checkpoint=vision_checkpoint, load_previous=False)
+    built = build_stage_model(cfg, spec.builds, load_previous=False)
     if weights_stage is not None:
         checkpoint_step = load_stage_checkpoint(built.model, cfg, weights_stage, ckpt_path).get("global_step")
     model = built.model.to(device).eval()
@@ -164,19 +163,18 @@ def _dynamo_graphs() -> int:
 
 
 def generate_predictions(cfg: RunConfig, stage: str, out_dir: str | Path, *, csv_input: str | None = None,
-                         checkpoint: str | Path | None = None, data_fingerprint: str | Path | None = None,
-                         vision_checkpoint: str | Path | None = None) -> dict[str, Any]:
+                         checkpoint: str | Path | None = None,
+                         data_fingerprint: str | Path | None = None) -> dict[str, Any]:
     """Generate captions for every (image, query) group of ``csv_input`` (default: the config's test CSV).
 
     ``data_fingerprint``: JSON from ``panobench fingerprint``, recorded in generation.json as ``data``.
-    ``vision_checkpoint``: the stage-1 checkpoint to take the vision tower from (default ``vision.checkpoint``).
     """
     if stage not in EVAL_STAGES:
         raise ValueError(f"unknown eval stage {stage!r}; expected one of {EVAL_STAGE_NAMES}")
     grey = EVAL_STAGES[stage].image == "grey"
     seed_everything(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.runtime.accelerator != "cpu" else "cpu")
-    loaded = _load(cfg, stage, checkpoint, device, vision_checkpoint)
+    loaded = _load(cfg, stage, checkpoint, device)
     model, prompts = loaded.model, loaded.prompts
 
     csv_path = csv_input or cfg.data.test_csv

@@ -19,7 +19,7 @@ from torch import nn
 
 from panobench.config import RunConfig, config_hash, config_to_dict, model_signature
 from panobench.errors import CheckpointError
-from panobench.stages import RECIPE_STAGE, component_of, get_stage
+from panobench.stages import RECIPE_STAGE, component_of, get_stage, relative_to_dir, stage_dir
 
 CHECKPOINT_FORMAT = 1
 MODEL_PREFIX = "model."   # the training system's attribute holding the PanoVLM; every model key carries it
@@ -148,3 +148,34 @@ def load_stage_checkpoint(model: nn.Module, cfg: RunConfig, stage: str, path: st
     # Every key is a model key (captioning stages save no VICReg projector): strip the system's prefix.
     model.load_state_dict({k.removeprefix(MODEL_PREFIX): v for k, v in ckpt["state_dict"].items()}, strict=False)
     return {**ckpt["panobench"], "global_step": ckpt.get("global_step")}
+
+
+# ------------------------------------------------------------------------------------------ run directories
+
+
+def run_paths(run_dir: str | os.PathLike, *, vision_checkpoint: str | os.PathLike | None,
+              previous_checkpoint: str | os.PathLike | None) -> dict[str, str | None]:
+    """Where a run directory's inputs are, relative to the run directory (``paths`` of checkpoint_metadata.json).
+
+    ``workdir`` is the training run's working directory, to which the relative paths of its config.yaml refer.
+    Recorded relative to the run directory, they hold wherever the run tree is evaluated from or copied to.
+    """
+    return {"workdir": relative_to_dir(Path.cwd(), run_dir),
+            "vision_checkpoint": relative_to_dir(vision_checkpoint, run_dir) if vision_checkpoint else None,
+            "previous_checkpoint": relative_to_dir(previous_checkpoint, run_dir) if previous_checkpoint else None}
+
+
+def run_workdir(cfg: RunConfig, meta: dict[str, Any], run_dir: str | os.PathLike) -> Path | None:
+    """The working directory that the relative paths of a run directory's config.yaml refer to, found from the run
+    directory itself (``paths.workdir`` of its checkpoint_metadata.json ``meta``), wherever the run tree now is.
+
+    None when the run directory does not say (written before it recorded its paths) or does not sit at its config's
+    place under that directory (a single run directory copied out of its tree): then paths are read as configured.
+    """
+    paths = meta.get("paths")
+    if not isinstance(paths, dict) or not paths.get("workdir"):
+        return None
+    workdir = Path(os.path.normpath(Path(run_dir).absolute() / paths["workdir"]))
+    if not workdir.is_dir() or (workdir / stage_dir(cfg, meta["stage"])).resolve() != Path(run_dir).resolve():
+        return None
+    return workdir

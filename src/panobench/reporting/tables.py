@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from panobench.reporting.stats import ci95_halfwidth
+from panobench.stages import PER_CELL_STAGES
 
 # Fixed order (and, in plots.py, colour) of the resamplers everywhere in the report.
 RESAMPLER_ORDER = ("mlp", "bimamba", "qformer", "perceiver")
@@ -53,7 +54,7 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
     if "seed" in df:
         keys["s"] = df["seed"]
     if "stage" in df:
-        keys["t"] = df["stage"].map({"resampler": 0, "finetune": 1})
+        keys["t"] = df["stage"].map({stage: i for i, stage in enumerate(PER_CELL_STAGES)})
     return df.loc[keys.sort_values(list(keys.columns), kind="stable").index]
 
 

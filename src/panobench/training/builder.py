@@ -28,6 +28,8 @@ class Built:
     param_counts: dict[str, list[int]] = field(default_factory=dict)
     resampler_init: str = "fresh"
     init_sources: dict[str, str | None] = field(default_factory=dict)
+    vision_checkpoint: str | None = None     # the stage-1 checkpoint the vision tower came from
+    previous_checkpoint: str | None = None   # the previous stage's checkpoint the inherited components came from
 
 
 def stage_compiles(cfg: RunConfig, stage: str) -> bool:
@@ -62,4 +64,5 @@ def build_stage(cfg: RunConfig, stage: str, *, vision_checkpoint: str | None = N
             for p in system.model.vision.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(compute_dtype(cfg))
-    return Built(system, start.prompts, start.tokenizer, counts, start.resampler_init, start.init_sources)
+    return Built(system, start.prompts, start.tokenizer, counts, start.resampler_init, start.init_sources,
+                 start.vision_checkpoint, start.previous_checkpoint)

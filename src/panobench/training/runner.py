@@ -30,7 +30,7 @@ from panobench.measurement.throughput import (
     summarize_step_times,
 )
 from panobench.models.assembly import build_device, compile_blocks
-from panobench.models.checkpoint import load_checkpoint_file
+from panobench.models.checkpoint import load_checkpoint_file, run_paths
 from panobench.stages import get_stage, stage_dir
 from panobench.training.builder import build_stage, stage_compiles
 from panobench.training.callbacks import GradientFlowCheck, LossCurve, ThroughputCallback
@@ -105,6 +105,9 @@ def train_stage(cfg: RunConfig, stage: str, *, resume: str | None = None, run_di
         "trainable_params": {k: v[0] for k, v in built.param_counts.items()},
         "total_params": {k: v[1] for k, v in built.param_counts.items()},
         "model": system.model.describe(), "vicreg_pairs": system.num_vicreg_pairs,
+        # The checkpoints this stage started from, relative to its run directory (evaluation resolves them there).
+        "paths": run_paths(out, vision_checkpoint=built.vision_checkpoint,
+                           previous_checkpoint=built.previous_checkpoint),
     })
 
     datamodule = PanoDataModule(cfg, stage, built.prompts, system.model.pad_id)
