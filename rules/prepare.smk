@@ -116,7 +116,7 @@ rule resolve_config:
 
 rule plan_matrix:
     output:
-        f"results/{NAME}/manifest.json",
+        pm.manifest_path(config),
     log:
         f"logs/{NAME}/plan_matrix.log",
     benchmark:

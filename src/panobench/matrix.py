@@ -317,6 +317,11 @@ def report_dir(wf: dict[str, Any]) -> str:
     return f"reports/{wf['name']}"
 
 
+def manifest_path(wf: dict[str, Any]) -> str:
+    """The matrix manifest (``panobench plan``) that aggregation and the report read."""
+    return f"results/{wf['name']}/manifest.json"
+
+
 # ------------------------------------------------------------------------------------------ data preparation
 
 PREPARED_SPLITS = ("train", "valid", "test")
