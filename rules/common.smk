@@ -112,6 +112,12 @@ def get_generate_inputs(wildcards):
     return inputs
 
 
+def get_tiles_config(wildcards):
+    """The resolved config of the first cell at this overlap (all cells share the rest of the geometry)."""
+    cell = next(c for c in CELLS.values() if f"{c.overlap:.2f}" == wildcards.overlap)
+    return pm.config_path(config, cell.cell_id)
+
+
 def tiles_sheets():
     return [pm.tiles_sheet_path(config, o) for o in config["matrix"]["overlaps"]]
 
