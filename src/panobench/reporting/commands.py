@@ -25,9 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="results/<name>/manifest.json")
     p.add_argument("--out", required=True, help="report directory, e.g. reports/<name>")
     p.add_argument("--tiles", nargs="*", default=[], metavar="OVERLAP=PNG", help="tiling contact sheet per overlap")
-    p.add_argument("--configs-dir", default=None, help="directory of <cell_id>.yaml (default: manifest's paths)")
     p.add_argument("--root", default=".", help="directory the manifest's paths are relative to (default: .)")
-    p.add_argument("--title", default=None, help="page title")
     p.set_defaults(func=report_command)
 
     p = subparsers.add_parser("partial-report",
@@ -51,8 +49,7 @@ def aggregate_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     from panobench.reporting.html import build_report, parse_tiles
 
-    out = build_report(args.results, args.manifest, args.out, tiles=parse_tiles(args.tiles),
-                       configs_dir=args.configs_dir, title=args.title, root=args.root)
+    out = build_report(args.results, args.manifest, args.out, tiles=parse_tiles(args.tiles), root=args.root)
     logger.info("report: %s", out)
     return 0
 
