@@ -32,5 +32,8 @@ rule all:
 
 
 onerror:
-    # With --keep-going, build the report from whatever finished; failed cells are listed as failed.
-    report_after_failure()
+    # With --keep-going, build the report from whatever finished; failed cells are listed as failed. `|| true`: the
+    # run has failed already, and the command prints its own one-line outcome naming its log.
+    shell(
+        "panobench partial-report --workflow-json {WORKFLOW_JSON:q} --log {PARTIAL_REPORT_LOG:q} || true"
+    )

@@ -2,7 +2,6 @@
 import json
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -21,6 +20,9 @@ RECIPES = {v.recipe_id: v for v in pm.vision_recipes(config)}
 EVAL_STAGES = config["eval_stages"]
 TRAIN = {stage: pm.train_patterns(config, stage) for stage in pm.STAGES}
 RES = config["resources"]
+# What the onerror handler (Snakefile) hands `panobench partial-report`.
+WORKFLOW_JSON = json.dumps(config, sort_keys=True)
+PARTIAL_REPORT_LOG = f"logs/{NAME}/partial_report.log"
 
 
 def _alternatives(values):
@@ -115,6 +117,12 @@ def get_generate_inputs(wildcards):
     return inputs
 
 
+def get_tiles_config(wildcards):
+    """The resolved config of the first cell at this overlap (all cells share the rest of the geometry)."""
+    cell = next(c for c in CELLS.values() if f"{c.overlap:.2f}" == wildcards.overlap)
+    return pm.config_path(config, cell.cell_id)
+
+
 def tiles_sheets():
     return [pm.tiles_sheet_path(config, o) for o in config["matrix"]["overlaps"]]
 
@@ -135,17 +143,6 @@ def all_predictions():
     ]
 
 
-def unscored_predictions():
-    """predictions.csv files whose generation finished (generation.json written) but that have no metrics.json."""
-    return [
-        p
-        for p in all_predictions()
-        if Path(p).exists()
-        and (Path(p).parent / "generation.json").exists()
-        and not (Path(p).parent / "metrics.json").exists()
-    ]
-
-
 def all_cell_outputs():
     outs = []
     for cid in CELLS:
@@ -160,50 +157,3 @@ def get_final_output():
         f"{pm.report_dir(config)}/report.html",
         f"{pm.report_dir(config)}/results.csv",
     ]
-
-
-def report_after_failure():
-    """onerror: score the cells that finished generating, then build the report (failed cells listed as failed).
-
-    Runs the CLI directly with argument lists (no shell string, so config values are never re-parsed).
-    """
-    manifest = f"results/{NAME}/manifest.json"
-    out = pm.report_dir(config)
-    results = f"{out}/results.csv"
-    tiles = [
-        f"{o}={pm.tiles_sheet_path(config, o)}" for o in config["matrix"]["overlaps"]
-    ]
-    tiles = [t for t in tiles if Path(t.split("=", 1)[1]).exists()]
-    log_path = Path(f"logs/{NAME}/report_after_failure.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    unscored = unscored_predictions() if config["score"] else []
-    metrics = [str(Path(p).parent / "metrics.json") for p in unscored]
-    steps = (
-        [["panobench", "score", "--predictions", *unscored, "--out", *metrics]]
-        if unscored
-        else []
-    )
-    steps += [
-        ["panobench", "plan", "--workflow-json", json.dumps(config), "-o", manifest],
-        ["panobench", "aggregate", "--manifest", manifest, "--out", results],
-        [
-            "panobench",
-            "report",
-            "--results",
-            results,
-            "--manifest",
-            manifest,
-            "--out",
-            out,
-        ]
-        + (["--tiles", *tiles] if tiles else []),
-    ]
-    with open(log_path, "w") as log:
-        for cmd in steps:
-            if (
-                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-                != 0
-            ):
-                print(f"panobench: could not build the partial report; see {log_path}")
-                return
-    print(f"panobench: partial report with the failed cells listed: {out}/report.html")

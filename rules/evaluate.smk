@@ -36,7 +36,7 @@ if config["score"] and EVAL_STAGES:
     rule score:
         # One job scores every cell's predictions: the Java start-ups (PTB tokenizer, METEOR's paraphrase
         # table: seconds each) are paid once, not once per cell; each file is still scored on its own.
-        # With --keep-going a failed cell blocks this job; onerror (report_after_failure) then scores the
+        # With --keep-going a failed cell blocks this job; onerror (`panobench partial-report`) then scores the
         # cells that finished.
         input:
             predictions=all_predictions(),

@@ -116,7 +116,7 @@ rule resolve_config:
 
 rule plan_matrix:
     output:
-        f"results/{NAME}/manifest.json",
+        pm.manifest_path(config),
     log:
         f"logs/{NAME}/plan_matrix.log",
     benchmark:
@@ -129,7 +129,10 @@ rule plan_matrix:
 
 
 rule plot_tiles:
+    # Drawn from the resolved config of a cell at this overlap: the sheet shows the tiling its model sees (fov,
+    # pitch rows, global view), on the first panorama of that config's test CSV.
     input:
+        cfg=get_tiles_config,
         csv=data_inputs()[2],
     output:
         f"results/{NAME}/tiles/ov{{overlap}}.png",
@@ -139,9 +142,5 @@ rule plot_tiles:
         f"benchmarks/{NAME}/plot_tiles/ov{{overlap}}.tsv"
     wildcard_constraints:
         overlap=r"\d\.\d\d",
-    params:
-        root=lambda wildcards: data_root(),
-        fov=EXPERIMENTS[next(iter(EXPERIMENTS))]["geometry"]["fov"],
     shell:
-        "panobench tiles --from-csv {input.csv:q} --data-root {params.root:q} --overlap {wildcards.overlap}"
-        " --fov {params.fov} --size 128 -o {output:q} > {log:q} 2>&1"
+        "panobench tiles --config {input.cfg:q} --size 128 -o {output:q} > {log:q} 2>&1"

@@ -3,7 +3,7 @@
 
 rule aggregate_results:
     input:
-        manifest=f"results/{NAME}/manifest.json",
+        manifest=pm.manifest_path(config),
         cells=all_cell_outputs(),
     output:
         results=report(
@@ -22,7 +22,7 @@ rule aggregate_results:
 rule build_report:
     input:
         results=f"reports/{NAME}/results.csv",
-        manifest=f"results/{NAME}/manifest.json",
+        manifest=pm.manifest_path(config),
         tiles=tiles_sheets(),
     output:
         html=report(

@@ -118,7 +118,6 @@ class EvalConfig:
     num_beams: int = 1                       # greedy by default; one decoding config for every arm
     do_sample: bool = False
     batch_size: int = 16
-    spice: Literal["auto", "on", "off"] = "auto"
     # Greedy fast path (num_beams 1, no sampling): the same tokens as plain generate, faster.
     static_cache: bool = True                # preallocated KV cache; fixed shapes (prompts left-padded to the
     # longest of the eval set; with a compiled decode step, a short last batch filled with dropped repeats)

@@ -236,7 +236,8 @@ def load_workflow(configfiles: list[str | Path], root: str | Path = ".") -> dict
     root = Path(root)
     wf = yaml.safe_load((root / "config" / "config.yaml").read_text(encoding="utf-8")) or {}
     for path in configfiles:
-        wf = _deep_merge(wf, yaml.safe_load(resolve_path(str(path), root).read_text(encoding="utf-8")) or {})
+        # root / path is path itself when path is absolute.
+        wf = _deep_merge(wf, yaml.safe_load((root / path).read_text(encoding="utf-8")) or {})
     _fill_defaults(wf, yaml.safe_load((root / "config" / "schema.yaml").read_text(encoding="utf-8")))
     return wf
 
@@ -345,6 +346,11 @@ def report_dir(wf: dict[str, Any]) -> str:
     return f"reports/{wf['name']}"
 
 
+def manifest_path(wf: dict[str, Any]) -> str:
+    """The matrix manifest (``panobench plan``) that aggregation and the report read."""
+    return f"results/{wf['name']}/manifest.json"
+
+
 # ------------------------------------------------------------------------------------------ data preparation
 
 PREPARED_SPLITS = ("train", "valid", "test")
@@ -399,8 +405,3 @@ def prepare_data_options(source: dict[str, Any]) -> list[str]:
 def published_csv_inputs(source: dict[str, Any]) -> list[str]:
     """The published CSVs that are local files (URLs cannot be Snakemake inputs; they are fetched by the job)."""
     return [source[s] for s in PREPARED_SPLITS if not re.match(r"^https?://", source[s], re.IGNORECASE)]
-
-
-def resolve_path(path: str, base: str | Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else Path(base) / p

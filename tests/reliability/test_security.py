@@ -173,7 +173,7 @@ def test_free_form_config_strings_are_quoted_in_every_shell_command(tmp_path):
     assert proc.returncode != 0                                   # synth_data fails (width != 2 x height) ...
     assert (workdir / "results/small/manifest.json").is_file()    # ... while the quoted jobs ran
     assert (workdir / f"results/small/configs/{CELL_A}.yaml").is_file()
-    assert list((workdir / "logs/small").glob("report*.log")), out[-3000:]   # the onerror handler ran
+    assert list((workdir / "logs/small").glob("partial_report.log")), out[-3000:]   # the onerror handler ran
     resolved = yaml.safe_load((workdir / f"results/small/configs/{CELL_A}.yaml").read_text())
     assert resolved["runs_dir"] == cfg["runs_dir"] and resolved["data"]["root"] == cfg["run"]["data"]["root"]
     assert not marker.exists()

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from panobench.cli import main
+from panobench.config import dump_run_config, run_config_from_dict
 from panobench.errors import InputError
+from panobench.geometry import sheet as sheet_module
 from panobench.geometry.sheet import load_rgb_image, tile_footprint, write_contact_sheet
 from panobench.geometry.tiling import plan_tiles
 
@@ -83,3 +85,63 @@ def test_tiles_command_bad_overlap_exits_2(panorama, tmp_path, capsys):
     path, _ = panorama
     assert main(["tiles", str(path), "--overlap", "1.0", "-o", str(tmp_path / "s.png")]) == 2
     assert "overlap must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def two_row_config(tmp_path):
+    """A resolved run config with two pitch rows and no global view, over a one-image test CSV."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, size=(64, 128, 3), dtype=np.uint8)).save(tmp_path / "first.png")
+    Image.new("RGB", (128, 64), (0, 0, 0)).save(tmp_path / "second.png")
+    csv = tmp_path / "test.csv"
+    csv.write_text("url,query,annotation\nfirst.png,what,a thing\nsecond.png,what,another thing\n")
+    cfg = run_config_from_dict({"data": {"root": str(tmp_path), "test_csv": str(csv)},
+                                "geometry": {"overlap": 0.25, "fov": 80.0, "pitch_rows": [-30.0, 30.0],
+                                             "include_global": False}})
+    dump_run_config(cfg, tmp_path / "cell.yaml")
+    return tmp_path / "cell.yaml", cfg
+
+
+def test_tiles_from_config_draw_the_tiling_the_model_sees(two_row_config, tmp_path, monkeypatch):
+    """The workflow's sheet (``tiles --config``) shows the model's views: its tile plan (two pitch rows here) and
+    its global-view setting, on the first panorama of the config's test CSV."""
+    config_path, cfg = two_row_config
+    drawn = []
+
+    def spy(erp, plan, size, out_path, title=None, include_global=True):
+        drawn.append((erp, plan, include_global))
+        return write_contact_sheet(erp, plan, size, out_path, title=title, include_global=include_global)
+
+    monkeypatch.setattr("panobench.geometry.sheet.write_contact_sheet", spy)
+    out = tmp_path / "sheet.png"
+    assert main(["tiles", "--config", str(config_path), "--size", "32", "-o", str(out)]) == 0
+    (erp, plan, include_global), = drawn
+    # What PanoVLM builds from the same config (models/vlm.py: plan_tiles(overlap, fov, pitch_rows) and renders
+    # plan.num_views(include_global) views).
+    model_plan = plan_tiles(cfg.geometry.overlap, cfg.geometry.fov, cfg.geometry.pitch_rows)
+    assert plan == model_plan and include_global is cfg.geometry.include_global is False
+    assert sorted({t.pitch_deg for t in plan.tiles}) == [-30.0, 30.0]
+    assert plan.num_tiles == 2 * plan.tiles_per_row
+    assert [(t.yaw_deg, t.pitch_deg) for t in plan.tiles] == [(t.yaw_deg, t.pitch_deg) for t in model_plan.tiles]
+    assert np.array_equal(erp, load_rgb_image(tmp_path / "first.png"))
+    with Image.open(out) as sheet:
+        assert sheet.format == "PNG"
+
+
+def test_tiles_config_and_geometry_flags_are_exclusive(two_row_config, tmp_path, capsys):
+    config_path, _ = two_row_config
+    assert main(["tiles", "--config", str(config_path), "--pitch-rows", "0", "-o", str(tmp_path / "s.png")]) == 2
+    assert "--config sets the tiling; drop --pitch-rows" in capsys.readouterr().err
+    assert main(["tiles", "-o", str(tmp_path / "s.png")]) == 2
+    assert "name a PANORAMA image, or a resolved run config with --config" in capsys.readouterr().err
+
+
+def test_sheet_without_global_view_renders_only_the_tiles(panorama, tmp_path, monkeypatch):
+    _, img = panorama
+    plan = plan_tiles(0.0, pitch_rows=(-20.0, 20.0))
+    rendered = []
+    real = sheet_module.render_views
+    monkeypatch.setattr(sheet_module, "render_views", lambda *a, **k: rendered.append(real(*a, **k)) or rendered[-1])
+    write_contact_sheet(img, plan, 16, tmp_path / "a.png", include_global=False)
+    write_contact_sheet(img, plan, 16, tmp_path / "b.png")
+    assert [v.shape[0] for v in rendered] == [plan.num_tiles, plan.num_tiles + 1] == [8, 9]

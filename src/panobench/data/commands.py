@@ -19,8 +19,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test", type=int, default=60, help="test images (4-6 references per image and query)")
     p.add_argument("--width", type=int, default=512, help="ERP width (must be 2 x height)")
     p.add_argument("--height", type=int, default=256, help="ERP height")
-    p.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
-                   help="objects per scene, drawn uniformly from MIN..MAX (default 2 4)")
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser("fingerprint", help="hash a dataset (its CSVs and every image they name) -> JSON")
@@ -62,8 +60,7 @@ def _synth(args: argparse.Namespace) -> int:
     from panobench.data.synthetic import generate_synthetic  # lazy: keeps `panobench --help` fast
 
     summary = generate_synthetic(args.out, seed=args.seed, n_train=args.n_train, n_valid=args.n_valid,
-                                 n_test=args.n_test, width=args.width, height=args.height,
-                                 objects=tuple(args.objects))
+                                 n_test=args.n_test, width=args.width, height=args.height)
     logger.info("wrote %s: images %s, CSV rows %s, (image, query) groups %s", summary.out_dir, summary.images,
                 summary.rows, summary.groups)
     return 0

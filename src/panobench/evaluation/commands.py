@@ -1,4 +1,5 @@
-"""Subcommands of this concern (registered by panobench.cli): ``score`` (``generate``/``eval`` join later)."""
+"""Subcommand ``score`` (predictions.csv -> metrics.json) of the evaluation concern, registered by panobench.cli;
+``generate`` and ``eval`` are in :mod:`panobench.evaluation.eval_commands`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ def _register_score(subparsers: argparse._SubParsersAction) -> None:
                    help="metrics.json to write, one per predictions CSV (several in one call share one METEOR "
                         "process, whose start-up dominates small evaluations)")
     p.add_argument("--spice", choices=["auto", "on", "off"], default="auto",
-                   help="auto: SPICE if its CoreNLP jars are present locally (else null + reason); on: required")
-    p.add_argument("--spice-lib", default=None,
-                   help="directory with the CoreNLP 3.6.0 jars for SPICE (default: $PANOBENCH_SPICE_LIB, then "
-                        "pycocoevalcap's spice/lib)")
+                   help="auto: SPICE if its CoreNLP jars are present locally ($PANOBENCH_SPICE_LIB, else "
+                        "pycocoevalcap's spice/lib; else null + reason); on: required")
     p.set_defaults(func=_score)
 
 
@@ -34,6 +33,5 @@ def _score(args: argparse.Namespace) -> int:
 
     if len(args.predictions) != len(args.out):
         raise ConfigError(f"--predictions names {len(args.predictions)} file(s) but --out {len(args.out)}")
-    score_predictions_files(list(zip(args.predictions, args.out, strict=True)), spice=args.spice,
-                            spice_lib=args.spice_lib)
+    score_predictions_files(list(zip(args.predictions, args.out, strict=True)), spice=args.spice)
     return 0

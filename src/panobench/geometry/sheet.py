@@ -71,7 +71,7 @@ def tile_footprint(tile: Tile, height: int, width: int) -> list[np.ndarray]:
 
 
 def write_contact_sheet(erp: np.ndarray | torch.Tensor, plan: TilePlan, size: int, out_path: str | os.PathLike,
-                        title: str | None = None) -> Path:
+                        title: str | None = None, include_global: bool = True) -> Path:
     """Draw the tiling of one panorama: the ERP with tile footprints on top, the rendered views beneath.
 
     Args:
@@ -80,6 +80,7 @@ def write_contact_sheet(erp: np.ndarray | torch.Tensor, plan: TilePlan, size: in
         size: Rendered view side in pixels.
         out_path: PNG to write (atomically).
         title: Figure title; default states FOV, nominal/effective overlap, tile and view counts.
+        include_global: Also show the global view (as the model does when its geometry includes it).
 
     Returns:
         The written path.
@@ -93,7 +94,8 @@ def write_contact_sheet(erp: np.ndarray | torch.Tensor, plan: TilePlan, size: in
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise InputError(f"contact sheet needs an [H, W, 3] uint8 panorama, got {img.shape} {img.dtype}")
     h, w = img.shape[:2]
-    views = render_views(torch.from_numpy(img).permute(2, 0, 1), plan, size).permute(0, 2, 3, 1).numpy()
+    views = render_views(torch.from_numpy(img).permute(2, 0, 1), plan, size,
+                         include_global=include_global).permute(0, 2, 3, 1).numpy()
     n_views = views.shape[0]
     cols = min(n_views, max(plan.tiles_per_row, 3))
     rows = math.ceil(n_views / cols)
@@ -133,9 +135,11 @@ def write_contact_sheet(erp: np.ndarray | torch.Tensor, plan: TilePlan, size: in
             sub.set_title(f"global view ({GLOBAL_VIEW_MODE})", fontsize=7)
 
     if title is None:
+        rows_text = f" in {len(plan.pitch_rows)} pitch rows" if len(plan.pitch_rows) > 1 else ""
+        global_text = " + 1 global" if include_global else ", no global view"
         title = (f"anyres-e2p: FOV {plan.fov_deg:g}°, overlap {plan.nominal_overlap:g} nominal / "
-                 f"{plan.effective_overlap:.3f} effective, {plan.num_tiles} tiles + 1 global = "
-                 f"{plan.num_views()} views")
+                 f"{plan.effective_overlap:.3f} effective, {plan.num_tiles} tiles{rows_text}{global_text} = "
+                 f"{plan.num_views(include_global)} views")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out_path = Path(out_path)

@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 INITS = ("pretrained", "random")
 
 FULL_VISION_ID = "google/siglip2-so400m-patch16-256"
-FULL_LLM_ID = "Qwen/Qwen3-0.6B"
 
 # Vision tower of google/siglip2-so400m-patch16-256 (its config.json is a SiglipConfig, model_type "siglip";
 # these are the SiglipVisionConfig field names). 256/16 = 16x16 = 256 patch tokens of width 1152.

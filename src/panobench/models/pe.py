@@ -52,10 +52,6 @@ class TokenLayout:
     def tokens_per_view(self) -> int:
         return int(self.yaw.shape[1])
 
-    @property
-    def num_kept(self) -> int:
-        return int(self.keep.sum())
-
 
 def token_layout(geom: ViewGeometry, output_grid: int | None, pool_factor: int, tokens_per_view: int,
                  stitching: str) -> TokenLayout:

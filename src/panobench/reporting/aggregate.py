@@ -473,6 +473,3 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     """Read a ``results.csv``, checking that it has the fixed column set."""
     return read_table(path, RESULT_COLUMNS)
 
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

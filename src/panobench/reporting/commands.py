@@ -1,9 +1,12 @@
-"""Subcommands of this concern (registered by panobench.cli): ``aggregate``, ``report``, ``compare`` and ``bill``."""
+"""Subcommands of this concern (registered by panobench.cli): ``aggregate``, ``report``, ``partial-report``,
+``compare`` and ``bill``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="results/<name>/manifest.json")
     p.add_argument("--out", required=True, help="report directory, e.g. reports/<name>")
     p.add_argument("--tiles", nargs="*", default=[], metavar="OVERLAP=PNG", help="tiling contact sheet per overlap")
-    p.add_argument("--configs-dir", default=None, help="directory of <cell_id>.yaml (default: manifest's paths)")
     p.add_argument("--root", default=".", help="directory the manifest's paths are relative to (default: .)")
-    p.add_argument("--title", default=None, help="page title")
     p.set_defaults(func=report_command)
+
+    p = subparsers.add_parser("partial-report",
+                              help="after a failed run (snakemake --keep-going): score the finished predictions, "
+                                   "aggregate and build the report, failed cells listed as failed")
+    p.add_argument("--workflow-json", required=True, help="the validated workflow config as JSON (from the Snakefile)")
+    p.add_argument("--log", required=True, help="file for the details; the console gets one line naming the report")
+    p.set_defaults(func=partial_report_command)
     register_checks(subparsers)
 
 
@@ -41,9 +49,42 @@ def aggregate_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     from panobench.reporting.html import build_report, parse_tiles
 
-    out = build_report(args.results, args.manifest, args.out, tiles=parse_tiles(args.tiles),
-                       configs_dir=args.configs_dir, title=args.title, root=args.root)
+    out = build_report(args.results, args.manifest, args.out, tiles=parse_tiles(args.tiles), root=args.root)
     logger.info("report: %s", out)
+    return 0
+
+
+def partial_report_command(args: argparse.Namespace) -> int:
+    from panobench.errors import ConfigError
+    from panobench.reporting.partial import partial_report
+
+    try:
+        wf = json.loads(args.workflow_json)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--workflow-json is not valid JSON: {err}") from None
+    log_path = Path(args.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # The handler runs after Snakemake's own error summary: the details go to the log so that summary stays the
+    # last thing on the console, followed by one line saying where the report (or the reason there is none) is.
+    root = logging.getLogger()
+    console = list(root.handlers)
+    file_handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for handler in console:
+        root.removeHandler(handler)
+    root.addHandler(file_handler)
+    try:
+        html = partial_report(wf)
+    except Exception:
+        logger.exception("could not build the partial report")
+        print(f"panobench: could not build the partial report; see {log_path}")
+        return 1
+    finally:
+        root.removeHandler(file_handler)
+        file_handler.close()
+        for handler in console:
+            root.addHandler(handler)
+    print(f"panobench: partial report with the failed cells listed: {html}")
     return 0
 
 

@@ -293,13 +293,12 @@ def _table(df: pd.DataFrame, columns: list[str] | None = None) -> dict[str, Any]
     return {"headers": columns, "rows": [[_cell(v) for v in row] for row in df[columns].itertuples(index=False)]}
 
 
-def _configs(manifest: Mapping[str, Any], root: Path, configs_dir: Path | None) -> list[dict[str, str]]:
+def _configs(manifest: Mapping[str, Any], root: Path) -> list[dict[str, str]]:
+    """Each cell's resolved config as written by the workflow (the manifest's ``config`` path)."""
     out = []
     for cell in manifest.get("cells", []):
         cid = cell["cell_id"]
-        if configs_dir is not None:
-            path = configs_dir / f"{cid}.yaml"
-        elif cell.get("config"):
+        if cell.get("config"):
             path = Path(cell["config"]) if Path(cell["config"]).is_absolute() else root / cell["config"]
         else:
             path = None
@@ -357,8 +356,8 @@ def render_report(context: Mapping[str, Any]) -> str:
 
 
 def build_report(results_csv: str | os.PathLike, manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 tiles: Mapping[float, str | os.PathLike] | None = None, configs_dir: str | os.PathLike | None = None,
-                 title: str | None = None, root: str | os.PathLike = ".") -> Path:
+                 tiles: Mapping[float, str | os.PathLike] | None = None, title: str | None = None,
+                 root: str | os.PathLike = ".") -> Path:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/figures/*.png``; returns the HTML path.
 
     Args:
@@ -367,7 +366,6 @@ def build_report(results_csv: str | os.PathLike, manifest_path: str | os.PathLik
         manifest_path: the manifest the table was built from (cells, knobs, config paths).
         out_dir: report directory; other files in it (e.g. ``results.csv``) are left alone.
         tiles: overlap -> tiling contact sheet PNG, embedded as is.
-        configs_dir: where ``<cell_id>.yaml`` resolved configs live; default: the manifest's ``config`` paths.
         title: page title; default ``panobench report: <config name>``.
         root: directory the manifest's relative paths are relative to.
     """
@@ -404,7 +402,7 @@ def build_report(results_csv: str | os.PathLike, manifest_path: str | os.PathLik
             "results": _table(df, full_columns),
             "provenance": _table(provenance_table(df)),
             "data_fingerprint": fingerprints(df, recipes).text,
-            "configs": _configs(manifest, root, Path(configs_dir) if configs_dir else None),
+            "configs": _configs(manifest, root),
             "decodings": _decodings(df),
             "recipes": _recipes(results_csv),
         }

@@ -131,16 +131,6 @@ def format_value(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if magnitude >= 1 else f"{value:.{digits}f}"
 
 
-def format_signed(value: float, digits: int = 3) -> str:
-    """A difference with its sign always shown (typographic minus), or "–" for NaN."""
-    text = format_value(value, digits)
-    if text == "–":
-        return text
-    if text.startswith("-"):
-        return "−" + text[1:]
-    return "+" + text if value != 0 else text
-
-
 def format_interval(mean: float, low: float, high: float, digits: int = 3) -> str:
     """``+0.031 [−0.012, +0.074]``: all three with the decimals that give the largest ``digits`` significant
     digits, so the bounds line up with the mean; just the signed mean when there is no interval."""

@@ -7,7 +7,7 @@ import json
 
 from panobench.config import STAGES, dump_run_config, load_run_config, run_config_from_dict
 from panobench.errors import ConfigError
-from panobench.utils.io import read_yaml, write_json_atomic
+from panobench.utils.io import write_json_atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,9 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_resolve_config)
 
     p = subparsers.add_parser("plan", help="write the matrix manifest (cells, knobs, expected files)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workflow-config", help="workflow config YAML (config/config.yaml)")
-    src.add_argument("--workflow-json", help="the validated workflow config as JSON (from the Snakefile)")
+    p.add_argument("--workflow-json", required=True, help="the validated workflow config as JSON (from the Snakefile)")
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=_plan)
 
@@ -46,13 +44,10 @@ def _resolve_config(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from panobench.matrix import manifest
 
-    if args.workflow_json is not None:
-        try:
-            wf = json.loads(args.workflow_json)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--workflow-json is not valid JSON: {err}") from None
-    else:
-        wf = read_yaml(args.workflow_config)
+    try:
+        wf = json.loads(args.workflow_json)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--workflow-json is not valid JSON: {err}") from None
     write_json_atomic(args.out, manifest(wf))
     return 0
 

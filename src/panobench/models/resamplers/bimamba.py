@@ -36,11 +36,12 @@ logger = logging.getLogger(__name__)
 
 MAMBA_SSM_MISSING = (
     "resampler 'bimamba' on a CUDA device: mamba-ssm is not installed ({reason}); the reference scan is ~1000× "
-    "slower on GPU; pip install mamba-ssm --no-build-isolation, or set resampler.allow_reference_on_cuda: true"
+    "slower on GPU; pip install mamba-ssm --no-build-isolation, or set resampler.params.allow_reference_on_cuda: true "
+    "(workflow config: resampler_params.bimamba.allow_reference_on_cuda)"
 )
 REFERENCE_FORBIDDEN = (
-    "resampler 'bimamba': use_mamba_ssm='never' on a CUDA device runs the pure-PyTorch reference scan, ~1000× "
-    "slower than mamba-ssm; set resampler.allow_reference_on_cuda: true to do this on purpose"
+    "resampler 'bimamba': resampler.params.use_mamba_ssm: never on a CUDA device runs the pure-PyTorch reference scan, ~1000× "
+    "slower than mamba-ssm; set resampler.params.allow_reference_on_cuda: true to do this on purpose"
 )
 
 
