@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from panobench.reporting.tables import ok_rows, resampler_order
+from panobench.stages import FINAL_STAGE
 
 SHORT_FINGERPRINT = 12   # hex digits shown in tables; results.csv keeps the full SHA-256
 
@@ -46,7 +47,7 @@ def token_budget_warning(df: pd.DataFrame) -> BudgetWarning | None:
     Compared on the successful finetune rows (all successful rows when there are none): ``resampled_tokens_per_view``
     when recorded; for older records without it, ``visual_tokens_per_sample`` at each overlap.
     """
-    data = ok_rows(df, "finetune")
+    data = ok_rows(df, FINAL_STAGE)
     if data.empty:
         data = ok_rows(df)
     order = resampler_order(data["resampler"])

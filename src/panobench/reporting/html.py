@@ -60,7 +60,7 @@ from panobench.reporting.tables import (
     provenance_table,
     resampler_order,
 )
-from panobench.stages import PER_CELL_STAGES
+from panobench.stages import FINAL_STAGE, PER_CELL_STAGES
 from panobench.utils.io import atomic_dir, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def _bill(results_csv: Path, df: pd.DataFrame, recipes: pd.DataFrame | None) -> 
 def _headline(df: pd.DataFrame) -> dict[str, Any]:
     summary = headline_table(df)
     best = best_rows(summary)
-    _, mem_label = memory_column(ok_rows(df, "finetune"))   # the same choice headline_table makes
+    _, mem_label = memory_column(ok_rows(df, FINAL_STAGE))   # the same choice headline_table makes
     headers = ["vision", "resampler", "overlap", "seeds"]
     headers += [mem_label if c == "peak_memory_gib" else label
                 for c, label, _ in HEADLINE_METRICS]

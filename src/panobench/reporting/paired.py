@@ -27,6 +27,7 @@ import pandas as pd
 
 from panobench.reporting.stats import Interval, t_interval
 from panobench.reporting.tables import ok_rows, ordered, resampler_order
+from panobench.stages import FINAL_STAGE
 
 KNOBS = ("overlap", "resampler", "vision_checkpoint")
 KNOB_LABELS = {"overlap": "overlap", "resampler": "resampler", "vision_checkpoint": "vision checkpoint"}
@@ -92,7 +93,7 @@ def metrics_present(df: pd.DataFrame) -> list[tuple[str, str]]:
 
 def _finetune(df: pd.DataFrame) -> pd.DataFrame:
     # A copy in one block: a results table read column by column is fragmented, and each .assign() on it warns.
-    return ok_rows(df, "finetune").copy()
+    return ok_rows(df, FINAL_STAGE).copy()
 
 
 def _pairs(data: pd.DataFrame, knob: str, a: object, b: object, metric: str) -> pd.DataFrame:

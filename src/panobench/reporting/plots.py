@@ -34,7 +34,7 @@ from panobench.reporting.paired import (  # noqa: E402
 )
 from panobench.reporting.stats import t_errorbar, t_interval  # noqa: E402
 from panobench.reporting.tables import RESAMPLER_ORDER, memory_column, ok_rows, resampler_order  # noqa: E402
-from panobench.stages import PER_CELL_STAGES  # noqa: E402
+from panobench.stages import FINAL_STAGE, PER_CELL_STAGES  # noqa: E402
 from panobench.utils.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _styled(fn: Callable[..., Path]) -> Callable[..., Path]:
 
 
 @_styled
-def plot_caption_metrics(df: pd.DataFrame, out_png: str | os.PathLike, stage: str = "finetune") -> Path:
+def plot_caption_metrics(df: pd.DataFrame, out_png: str | os.PathLike, stage: str = FINAL_STAGE) -> Path:
     """Bars of CIDEr, BLEU-4, METEOR, ROUGE-L per overlap (x) and resampler (hue), one row per vision checkpoint.
 
     Error bars: the Student-t 95% interval over seeds when any group has >= 2 seeds, else none.
@@ -208,7 +208,7 @@ def _short_label(row: pd.Series, multi_seed: bool, multi_vision: bool) -> str:
 
 
 @_styled
-def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, stage: str = "finetune",
+def plot_pareto(df: pd.DataFrame, out_png: str | os.PathLike, stage: str = FINAL_STAGE,
                 metric: str = "CIDEr") -> Path:
     """Quality (``metric``) vs training throughput; the Pareto front as a step line.
 
@@ -352,7 +352,7 @@ def plot_paired_differences(df: pd.DataFrame, out_png: str | os.PathLike) -> Pat
     summary, _ = paired_differences(df)
     if summary.empty:
         return _placeholder(out_png, title, "no knob with two levels and matched successful finetune cells")
-    metrics = [(c, label) for c, label in metrics_present(ok_rows(df, "finetune")) if c in set(summary["metric"])]
+    metrics = [(c, label) for c, label in metrics_present(ok_rows(df, FINAL_STAGE)) if c in set(summary["metric"])]
     comparisons = summary.drop_duplicates(["knob", "level_a", "level_b"])[["knob", "level_a", "level_b"]]
     labels = [f"{KNOB_LABELS[r.knob]}: {r.level_a.removeprefix('overlap ')} → {r.level_b.removeprefix('overlap ')}"
               for r in comparisons.itertuples()]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from panobench.reporting.stats import ci95_halfwidth
-from panobench.stages import PER_CELL_STAGES
+from panobench.stages import FINAL_STAGE, PER_CELL_STAGES
 
 # Fixed order (and, in plots.py, colour) of the resamplers everywhere in the report.
 RESAMPLER_ORDER = ("mlp", "bimamba", "qformer", "perceiver")
@@ -100,7 +100,7 @@ def summarize(df: pd.DataFrame, value_columns: Sequence[str],
     return ordered(pd.DataFrame(rows, columns=columns)).reset_index(drop=True)
 
 
-def headline_table(df: pd.DataFrame, stage: str = "finetune") -> pd.DataFrame:
+def headline_table(df: pd.DataFrame, stage: str = FINAL_STAGE) -> pd.DataFrame:
     """Seed summary of the successful cells of ``stage`` per vision checkpoint x resampler x overlap."""
     data = with_peak_memory(ok_rows(df, stage))
     values = [c for c, _, _ in HEADLINE_METRICS] + [c for c, _ in CONTEXT_COLUMNS]
