@@ -87,3 +87,12 @@ def test_failure_names_the_log_and_exits_1(workflow, capsys):
     assert code == 1
     assert capsys.readouterr().out.strip() == "panobench: could not build the partial report; see partial.log"
     assert "no_such_resampler" in Path("partial.log").read_text()
+
+
+def test_missing_workflow_file_names_it_in_the_log(workflow, capsys):
+    """The handler reads the workflow config the DAG build wrote; without it, one line names the log, which names
+    the missing file."""
+    code = main(["partial-report", "--workflow", "results/x/workflow.yaml", "--log", "partial.log"])
+    assert code == 1
+    assert capsys.readouterr().out.strip() == "panobench: could not build the partial report; see partial.log"
+    assert "workflow config not found: results/x/workflow.yaml" in Path("partial.log").read_text()
