@@ -1,7 +1,8 @@
 """The experiment matrix: workflow config -> cells, their ids, paths and resolved run configs.
 
-The Snakemake workflow (``rules/common.smk``) imports this module so that cell ids and paths have one definition;
-Python code never imports Snakemake. A cell is one (overlap, resampler, vision checkpoint, seed) combination; a
+The Snakemake workflow (``rules/common.smk``) imports this module so that cell ids and paths have one definition,
+and calls :func:`write_resolved` once to build and write every cell's run config; Python code never imports
+Snakemake. A cell is one (overlap, resampler, vision checkpoint, seed) combination; a
 vision checkpoint is ``pretrained`` (no stage 1), an existing ``path``, or a ``train`` recipe trained once with
 stage 1 and shared by every cell that names it.
 """
