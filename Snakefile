@@ -35,5 +35,5 @@ onerror:
     # With --keep-going, build the report from whatever finished; failed cells are listed as failed. `|| true`: the
     # run has failed already, and the command prints its own one-line outcome naming its log.
     shell(
-        "panobench partial-report --workflow-json {WORKFLOW_JSON:q} --log {PARTIAL_REPORT_LOG:q} || true"
+        "panobench partial-report --workflow {WORKFLOW_FILE:q} --log {PARTIAL_REPORT_LOG:q} || true"
     )

@@ -1,5 +1,4 @@
 # Load and check everything before any rule runs; every path and cell id comes from panobench.matrix.
-import json
 import re
 import shlex
 from pathlib import Path
@@ -12,16 +11,17 @@ validate(config, schema="../config/schema.yaml")
 
 NAME = config["name"]
 RUNS = pm.runs_root(config)
-EXPERIMENTS = pm.experiments(
-    config
-)  # strict RunConfig validation of every cell: fails at DAG build time
+# Every cell's run config, built and strictly checked once (a bad matrix fails here, before any job), then written
+# to results/NAME/configs/ where its content changed: the jobs read those files, and the mtime of a changed one
+# re-runs exactly its cells. A job's nested Snakemake (cluster nodes) re-parses this file but leaves them alone.
+EXPERIMENTS = pm.write_resolved(config, write=workflow.is_main_process)
 CELLS = {c.cell_id: c for c in pm.expand_cells(config)}
 RECIPES = {v.recipe_id: v for v in pm.vision_recipes(config)}
 EVAL_STAGES = config["eval_stages"]
 TRAIN = {stage: pm.train_patterns(config, stage) for stage in pm.STAGES}
 RES = config["resources"]
-# What the onerror handler (Snakefile) hands `panobench partial-report`.
-WORKFLOW_JSON = json.dumps(config, sort_keys=True)
+# The validated workflow config, written by write_resolved: plan_matrix and the onerror handler (Snakefile) read it.
+WORKFLOW_FILE = pm.workflow_path(config)
 PARTIAL_REPORT_LOG = f"logs/{NAME}/partial_report.log"
 
 
@@ -32,7 +32,6 @@ def _alternatives(values):
 wildcard_constraints:
     cell=_alternatives(CELLS),
     recipe=_alternatives(RECIPES),
-    exp=_alternatives(EXPERIMENTS),
     resampler="[a-z][a-z0-9_]*",
 
 
@@ -83,10 +82,6 @@ def vision_input(cell_id):
     if vis.kind == "path":
         return [vis.path]
     return []
-
-
-def get_resolved_json(wildcards):
-    return json.dumps(EXPERIMENTS[wildcards.exp], sort_keys=True)
 
 
 def get_stage_marker(cell_id, stage):

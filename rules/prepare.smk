@@ -1,4 +1,5 @@
-# Inputs every cell shares: the dataset, the backbones, the resolved configs, the matrix manifest, tiling sheets.
+# Inputs every cell shares: the dataset, the backbones, the matrix manifest, tiling sheets (the resolved configs are
+# written when the DAG is built: rules/common.smk).
 
 
 if config.get("synthetic"):
@@ -100,32 +101,17 @@ rule fingerprint_data:
         "panobench fingerprint --csv {params.csvs:q} --root {params.root:q} -o {output:q} > {log:q} 2>&1"
 
 
-rule resolve_config:
-    output:
-        f"results/{NAME}/configs/{{exp}}.yaml",
-    log:
-        f"logs/{NAME}/resolve_config/{{exp}}.log",
-    benchmark:
-        f"benchmarks/{NAME}/resolve_config/{{exp}}.tsv"
-    params:
-        # The resolved config itself is the parameter: a change to it re-runs exactly the affected cells.
-        resolved=get_resolved_json,
-    shell:
-        "panobench resolve-config --json {params.resolved:q} -o {output:q} > {log:q} 2>&1"
-
-
 rule plan_matrix:
+    input:
+        workflow=WORKFLOW_FILE,
     output:
         pm.manifest_path(config),
     log:
         f"logs/{NAME}/plan_matrix.log",
     benchmark:
         f"benchmarks/{NAME}/plan_matrix.tsv"
-    params:
-        # A function: Snakemake would otherwise brace-format the JSON (and trip over "{query}").
-        workflow=lambda wildcards: json.dumps(config, sort_keys=True),
     shell:
-        "panobench plan --workflow-json {params.workflow:q} -o {output:q} > {log:q} 2>&1"
+        "panobench plan --workflow {input.workflow:q} -o {output:q} > {log:q} 2>&1"
 
 
 rule plot_tiles:

@@ -22,10 +22,10 @@ COMMAND_MODULES = [
     "panobench.data.tiles_commands",   # tiles
     "panobench.data.commands",         # synth, prepare-data
     "panobench.models.commands",       # materialize
-    "panobench.training.commands",     # resolve-config, train
+    "panobench.training.commands",     # plan, train
     "panobench.evaluation.commands",   # score
     "panobench.evaluation.eval_commands",  # generate, eval
-    "panobench.reporting.commands",    # aggregate, report
+    "panobench.reporting.commands",    # aggregate, report, partial-report, compare, bill
 ]
 
 

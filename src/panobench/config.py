@@ -222,7 +222,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def checked_fields(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The keyword arguments of dataclass ``cls`` from plain ``data``: unknown keys and wrong types rejected.
+
+    The one strict check of plain config data against typed dataclass fields: the run config's sections and each
+    resampler's ``<Name>Config`` (``models.resamplers.base.config_from_params``, prefix ``resampler.params``) both go
+    through it, so both accept the same inputs (an int for a float, a list for a tuple) and name keys the same way.
+
+    Args:
+        cls: a dataclass whose fields carry type annotations.
+        data: the mapping to check.
+        prefix: the dotted key of ``data`` in the config file, named in error messages.
+
+    Raises:
+        ConfigError: naming the full key, the bad value and what was expected.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -232,20 +246,26 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        if cls is RunConfig and name == "stages":
-            if not isinstance(value, dict):
-                raise ConfigError("config key 'stages': expected a mapping of stage name -> settings")
-            stages = dict(_default_stages())
-            for stage_name, stage_data in value.items():
-                if stage_name not in STAGES:
-                    raise ConfigError(f"unknown config key stages.{stage_name}; expected one of {list(STAGE_NAMES)}")
-                base = dataclasses.asdict(stages[stage_name])
-                base.update(stage_data or {})
-                stages[stage_name] = _build(StageConfig, base, f"stages.{stage_name}")
-            kwargs[name] = stages
-            continue
-        kwargs[name] = _coerce(value, hints[name], key)
-    obj = cls(**kwargs)
+        kwargs[name] = _build_stages(value) if cls is RunConfig and name == "stages" else _coerce(value, hints[name], key)
+    return kwargs
+
+
+def _build_stages(value: Any) -> dict[str, StageConfig]:
+    """``stages``: each stage given is its defaults with the given keys replaced (a partial stage is allowed)."""
+    if not isinstance(value, dict):
+        raise ConfigError("config key 'stages': expected a mapping of stage name -> settings")
+    stages = dict(_default_stages())
+    for stage_name, stage_data in value.items():
+        if stage_name not in STAGES:
+            raise ConfigError(f"unknown config key stages.{stage_name}; expected one of {list(STAGE_NAMES)}")
+        base = dataclasses.asdict(stages[stage_name])
+        base.update(stage_data or {})
+        stages[stage_name] = _build(StageConfig, base, f"stages.{stage_name}")
+    return stages
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    obj = cls(**checked_fields(cls, data, prefix))
     _validate(obj, prefix)
     return obj
 

@@ -1,7 +1,8 @@
 """The experiment matrix: workflow config -> cells, their ids, paths and resolved run configs.
 
-The Snakemake workflow (``rules/common.smk``) imports this module so that cell ids and paths have one definition;
-Python code never imports Snakemake. A cell is one (overlap, resampler, vision checkpoint, seed) combination; a
+The Snakemake workflow (``rules/common.smk``) imports this module so that cell ids and paths have one definition,
+and calls :func:`write_resolved` once to build and write every cell's run config; Python code never imports
+Snakemake. A cell is one (overlap, resampler, vision checkpoint, seed) combination; a
 vision checkpoint is ``pretrained`` (no stage 1), an existing ``path``, or a ``train`` recipe trained once with
 stage 1 and shared by every cell that names it.
 """
@@ -20,6 +21,7 @@ from panobench.config import config_to_dict, run_config_from_dict
 from panobench.errors import ConfigError
 from panobench.models.resamplers import check_resampler_type  # torch-free: the registry imports lazily
 from panobench.stages import CROP, EVAL_STAGE_NAMES, EVAL_STAGES, PER_CELL_STAGES, RECIPE_STAGE, STAGES, run_dir
+from panobench.utils.io import write_text_if_changed
 
 TRAIN_STAGES = PER_CELL_STAGES   # stages trained per cell (the stage table decides)
 EVAL_CHECKPOINT_STAGE: dict[str, str | None] = {e.name: e.weights for e in EVAL_STAGES.values()}
@@ -259,9 +261,19 @@ def _resolve(wf: dict[str, Any], experiment: str, overlap: float, resampler: str
     if vis is not None:
         knobs["vision"] = {"checkpoint": vision_checkpoint_file(wf, vis), "checkpoint_name": vis.name,
                            "reuse_resampler": vis.reuse_resampler}
-    data = _deep_merge(run, knobs)
+    # Keys sorted first: the free-form mappings (resampler params, arch) then come out in one order whatever order the
+    # workflow config lists them in, so a cell's written config changes only when a value does.
+    data = _sorted_keys(_deep_merge(run, knobs))
     # Validate now: a bad matrix fails when the DAG is built, not hours later in a job.
     return config_to_dict(run_config_from_dict(data))
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def resolve_cell(wf: dict[str, Any], cell: Cell) -> dict[str, Any]:
@@ -280,6 +292,48 @@ def experiments(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {v.recipe_id: resolve_recipe(wf, v) for v in vision_recipes(wf)}
     out.update({c.cell_id: resolve_cell(wf, c) for c in expand_cells(wf)})
     return out
+
+
+def workflow_path(wf: dict[str, Any]) -> str:
+    """The validated workflow config as the DAG build wrote it (read by ``panobench plan`` and ``partial-report``)."""
+    return f"results/{wf['name']}/workflow.yaml"
+
+
+def write_resolved(wf: dict[str, Any], *, write: bool = True) -> dict[str, dict[str, Any]]:
+    """Resolve every experiment of the validated workflow config ``wf`` once and write the files the jobs read.
+
+    Called once when the Snakefile is parsed. Every cell's and stage-1 recipe's run config is built and strictly
+    checked (:func:`experiments`) before anything is written, so a bad matrix writes nothing. Then
+    ``results/<name>/workflow.yaml`` (``wf`` itself) and ``results/<name>/configs/<experiment>.yaml`` are written,
+    each atomically and only where its content changed: an unchanged file keeps its mtime, so Snakemake's mtime
+    trigger re-runs exactly the cells whose resolved config changed. Snakemake processes parsing at the same time
+    are safe: each compares first and replaces whole files.
+
+    Args:
+        wf: the workflow config after schema validation (Snakemake's ``config``).
+        write: False where the files must already exist (a job's nested Snakemake on a cluster node re-parses the
+            Snakefile; only the main process writes).
+
+    Returns:
+        experiment id (cell or recipe) -> its resolved run config as plain data.
+    """
+    resolved = experiments(wf)
+    if write:
+        write_text_if_changed(workflow_path(wf), yaml.safe_dump(_sorted_keys(wf), sort_keys=False))
+        for experiment, run in resolved.items():
+            write_text_if_changed(config_path(wf, experiment), yaml.safe_dump(run, sort_keys=False))
+    return resolved
+
+
+def load_workflow_file(path: str | Path) -> dict[str, Any]:
+    """Read ``results/<name>/workflow.yaml`` (written by :func:`write_resolved`; already validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"workflow config not found: {path} (written when Snakemake builds the DAG)")
+    wf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(wf, dict) or "name" not in wf or "matrix" not in wf:
+        raise ConfigError(f"{path}: not a workflow config (expected a mapping with name and matrix)")
+    return wf
 
 
 def manifest(wf: dict[str, Any]) -> dict[str, Any]:

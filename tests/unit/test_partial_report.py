@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from panobench import matrix as pm
@@ -24,6 +25,14 @@ def workflow(tmp_path, monkeypatch) -> dict:
                     "vision_checkpoints": [{"name": "pretrained"}]}
     monkeypatch.chdir(tmp_path)
     return wf
+
+
+def _workflow_file(wf: dict) -> str:
+    """What the DAG build writes for the onerror handler: results/<name>/workflow.yaml."""
+    path = Path(pm.workflow_path(wf))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(wf))
+    return str(path)
 
 
 def _finish_generation(wf: dict, cell_id: str, stage: str) -> Path:
@@ -58,7 +67,7 @@ def test_writes_manifest_results_and_report_with_failed_cells(workflow, monkeypa
     sheet.parent.mkdir(parents=True)
     Image.new("RGB", (64, 32), (10, 200, 30)).save(sheet)
 
-    code = main(["partial-report", "--workflow-json", json.dumps(workflow), "--log", "logs/x/partial_report.log"])
+    code = main(["partial-report", "--workflow", _workflow_file(workflow), "--log", "logs/x/partial_report.log"])
 
     assert code == 0
     assert calls == [[(done / "predictions.csv", done / "metrics.json")]]
@@ -74,7 +83,16 @@ def test_writes_manifest_results_and_report_with_failed_cells(workflow, monkeypa
 
 def test_failure_names_the_log_and_exits_1(workflow, capsys):
     bad = {**workflow, "matrix": {**workflow["matrix"], "resamplers": ["no_such_resampler"]}}
-    code = main(["partial-report", "--workflow-json", json.dumps(bad), "--log", "partial.log"])
+    code = main(["partial-report", "--workflow", _workflow_file(bad), "--log", "partial.log"])
     assert code == 1
     assert capsys.readouterr().out.strip() == "panobench: could not build the partial report; see partial.log"
     assert "no_such_resampler" in Path("partial.log").read_text()
+
+
+def test_missing_workflow_file_names_it_in_the_log(workflow, capsys):
+    """The handler reads the workflow config the DAG build wrote; without it, one line names the log, which names
+    the missing file."""
+    code = main(["partial-report", "--workflow", "results/x/workflow.yaml", "--log", "partial.log"])
+    assert code == 1
+    assert capsys.readouterr().out.strip() == "panobench: could not build the partial report; see partial.log"
+    assert "workflow config not found: results/x/workflow.yaml" in Path("partial.log").read_text()

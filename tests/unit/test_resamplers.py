@@ -144,6 +144,20 @@ def test_ill_typed_or_out_of_range_parameter_is_a_config_error(name, params, key
         build_resampler(name, IN_DIM, params)
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("mlp", {"num_layerz": 2}, r"resampler 'mlp': unknown config key resampler\.params\.num_layerz; expected one of"),
+        ("mlp", {"pool_factor": "2"}, r"resampler 'mlp': config key 'resampler\.params\.pool_factor': expected an integer"),
+        ("bimamba", {"use_mamba_ssm": "always"}, r"config key 'resampler\.params\.use_mamba_ssm': 'always' is not one of"),
+    ],
+)
+def test_parameter_errors_name_the_resampler_and_the_full_key(name, params, message):
+    """Resampler params are checked by the run config's own checker, as the ``resampler.params`` section."""
+    with pytest.raises(ConfigError, match=message):
+        build_resampler(name, IN_DIM, params)
+
+
 def test_integer_is_accepted_for_a_float_parameter():
     assert build_resampler("qformer", IN_DIM, {"num_heads": 2, "mlp_ratio": 2}).config_dict()["mlp_ratio"] == 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -44,8 +45,7 @@ def test_default_dag_matches_matrix_arithmetic(workflow_dir: Path) -> None:
     assert cells == 16 and recipes == 1
     assert counts == {
         "synth_data": 1, "materialize_models": 1, "fingerprint_data": 1, "plan_matrix": 1,
-        "plot_tiles": len(m["overlaps"]),
-        "resolve_config": cells + recipes, "train_vision": recipes,
+        "plot_tiles": len(m["overlaps"]), "train_vision": recipes,
         "train_resampler": cells, "train_finetune": cells,
         "generate": cells, "score": 1,
         "aggregate_results": 1, "build_report": 1, "all": 1,
@@ -65,7 +65,62 @@ def test_recipe_shared_across_resamplers_is_trained_once(workflow_dir: Path) -> 
     cells = 2 * 4 * 3 * 2
     assert counts["train_vision"] == 2
     assert counts["train_resampler"] == counts["train_finetune"] == cells
-    assert counts["resolve_config"] == cells + 2
+    assert len(list((workflow_dir / "results/default/configs").glob("*.yaml"))) == cells + 2   # written at DAG build
+
+
+def _dry_run_jobs(workdir: Path, configfile: Path) -> dict[str, set[str]]:
+    """Rule -> the cells (or other wildcard values) of the jobs a plain dry run would run now."""
+    proc = run_snakemake(workdir, "-n", "--cores", "1", "--configfile", str(configfile))
+    jobs: dict[str, set[str]] = collections.defaultdict(set)
+    rule = None
+    for line in proc.stdout.splitlines() + [""]:
+        if line.startswith("    ") and rule:
+            if line.strip().startswith("wildcards: "):
+                wildcards = line.strip().removeprefix("wildcards: ")
+        elif rule:   # a job's block ends at the first line that is not indented
+            jobs[rule].add(wildcards)
+            rule = None
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule, wildcards = m[1], ""
+    return dict(jobs)
+
+
+def test_a_changed_cell_config_reruns_exactly_that_cell(workflow_dir: Path) -> None:
+    """The resolved configs are written when the DAG is built, only where their content changed: after a finished run,
+    changing one resampler's params re-runs exactly the cells of that resampler (and the matrix-wide manifest,
+    aggregation and report), and leaves the other cells alone; an unchanged config re-runs nothing."""
+    cfg = yaml.safe_load((workflow_dir / "config" / "small.yaml").read_text())
+    cfg["matrix"]["overlaps"] = [0.0]
+    cfg["matrix"]["resamplers"] = ["mlp", "qformer"]
+    cfg["resampler_params"] = {"qformer": {"depth": 1, "num_heads": 4}}
+    path = write_config(workflow_dir, "two-arms", cfg)
+    # A finished run without running anything: create every output, then let `--touch` date them in DAG order.
+    for jobs in dry_run_jobs(workflow_dir, path).values():
+        for job in jobs:
+            for out in job.output:
+                target = workflow_dir / out
+                if out.endswith("figures"):
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.touch()
+    run_snakemake(workflow_dir, "--touch", "--cores", "1", "--configfile", str(path))
+    assert _dry_run_jobs(workflow_dir, path) == {}, "precondition: everything up to date"
+
+    time.sleep(0.05)   # a rewritten config must be newer than the outputs even on coarse-clock filesystems
+    cfg["resampler_params"]["qformer"]["depth"] = 2
+    write_config(workflow_dir, "two-arms", cfg)
+    # Snakemake skips an input that is newer but has the checksum it recorded; without its records (.snakemake
+    # removed, or files too big to checksum) the mtimes alone decide, so unchanged configs must keep theirs.
+    metadata = workflow_dir / ".snakemake" / "metadata"
+    for records in ("kept", "removed"):
+        if records == "removed":
+            shutil.rmtree(metadata)
+        jobs = _dry_run_jobs(workflow_dir, path)
+        qformer = {"cell=ov0.00_fov90_qformer_vis-pretrained_seed0, resampler=qformer"}
+        assert jobs.pop("train_resampler") == jobs.pop("train_finetune") == qformer, records
+        assert jobs.pop("generate") == {"cell=ov0.00_fov90_qformer_vis-pretrained_seed0"}, records
+        assert set(jobs) == {"plan_matrix", "score", "aggregate_results", "build_report", "all"}, records
 
 
 def test_large_matrix_dry_run_time(workflow_dir: Path) -> None:

@@ -105,9 +105,9 @@ def load_vision_backbone(
     _check_init(init, name_or_path)
     torch_dtype = _as_dtype(dtype)
     if arch is not None:
-        _check_arch_keys(arch, SiglipVisionConfig, "vision arch")
+        _check_arch_keys(arch, SiglipVisionConfig, "config key vision.arch")
     if init == "random":
-        config = _build_config(SiglipVisionConfig, arch, "vision arch") if arch is not None \
+        config = _build_config(SiglipVisionConfig, arch, "config key vision.arch") if arch is not None \
             else _vision_config_of(name_or_path, _resolve_source(name_or_path, "vision backbone"))
         _check_vision_config(config, name_or_path)
         model = SiglipVisionModel(config)
@@ -154,10 +154,10 @@ def load_language_model(
     _check_init(init, name_or_path)
     torch_dtype = _as_dtype(dtype)
     if arch is not None:
-        _check_arch_keys(arch, Qwen3Config, "LM arch")
+        _check_arch_keys(arch, Qwen3Config, "config key llm.arch")
     if init == "random":
         if arch is not None:
-            config = _build_config(Qwen3Config, arch, "LM arch")
+            config = _build_config(Qwen3Config, arch, "config key llm.arch")
         else:
             config = _load_config(name_or_path, _resolve_source(name_or_path, "language model"))
         _check_lm_config(config, name_or_path)

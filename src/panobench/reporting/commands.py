@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -31,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("partial-report",
                               help="after a failed run (snakemake --keep-going): score the finished predictions, "
                                    "aggregate and build the report, failed cells listed as failed")
-    p.add_argument("--workflow-json", required=True, help="the validated workflow config as JSON (from the Snakefile)")
+    p.add_argument("--workflow", required=True,
+                   help="results/<name>/workflow.yaml (the validated workflow config, written when the DAG is built)")
     p.add_argument("--log", required=True, help="file for the details; the console gets one line naming the report")
     p.set_defaults(func=partial_report_command)
     register_checks(subparsers)
@@ -55,13 +55,9 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def partial_report_command(args: argparse.Namespace) -> int:
-    from panobench.errors import ConfigError
+    from panobench.matrix import load_workflow_file
     from panobench.reporting.partial import partial_report
 
-    try:
-        wf = json.loads(args.workflow_json)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--workflow-json is not valid JSON: {err}") from None
     log_path = Path(args.log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The handler runs after Snakemake's own error summary: the details go to the log so that summary stays the
@@ -74,7 +70,7 @@ def partial_report_command(args: argparse.Namespace) -> int:
         root.removeHandler(handler)
     root.addHandler(file_handler)
     try:
-        html = partial_report(wf)
+        html = partial_report(load_workflow_file(args.workflow))
     except Exception:
         logger.exception("could not build the partial report")
         print(f"panobench: could not build the partial report; see {log_path}")

@@ -1,23 +1,21 @@
-"""Subcommands: ``plan`` (matrix manifest), ``resolve-config`` (one cell's run config), ``train`` (one stage)."""
+"""Subcommands: ``plan`` (matrix manifest) and ``train`` (one stage).
+
+The cells' resolved run configs are written when Snakemake builds the DAG (``panobench.matrix.write_resolved``),
+not by a subcommand: each is built once, and the jobs read the file.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 
-from panobench.config import STAGES, dump_run_config, load_run_config, run_config_from_dict
-from panobench.errors import ConfigError
+from panobench.config import STAGES, load_run_config
 from panobench.utils.io import write_json_atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("resolve-config", help="write the complete run config of one cell (strictly checked)")
-    p.add_argument("--json", required=True, help="the cell's run config as JSON (from the workflow)")
-    p.add_argument("-o", "--out", required=True)
-    p.set_defaults(func=_resolve_config)
-
     p = subparsers.add_parser("plan", help="write the matrix manifest (cells, knobs, expected files)")
-    p.add_argument("--workflow-json", required=True, help="the validated workflow config as JSON (from the Snakefile)")
+    p.add_argument("--workflow", required=True,
+                   help="results/<name>/workflow.yaml (the validated workflow config, written when the DAG is built)")
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=_plan)
 
@@ -32,23 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
-def _resolve_config(args: argparse.Namespace) -> int:
-    try:
-        data = json.loads(args.json)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--json is not valid JSON: {err}") from None
-    dump_run_config(run_config_from_dict(data), args.out)
-    return 0
-
-
 def _plan(args: argparse.Namespace) -> int:
-    from panobench.matrix import manifest
+    from panobench.matrix import load_workflow_file, manifest
 
-    try:
-        wf = json.loads(args.workflow_json)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--workflow-json is not valid JSON: {err}") from None
-    write_json_atomic(args.out, manifest(wf))
+    write_json_atomic(args.out, manifest(load_workflow_file(args.workflow)))
     return 0
 
 

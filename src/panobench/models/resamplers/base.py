@@ -1,4 +1,4 @@
-"""What every resampler shares: the module contract, strict config parsing and k×k grid pooling.
+"""What every resampler shares: the module contract, config construction and k×k grid pooling.
 
 Axis letters used in shape comments across the resampler files:
     n = B·V (images × views), s = vision tokens per view (grid², row-major), d = channels,
@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import types
-import typing
-from typing import Any, Protocol, TypeVar, Union, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from panobench.config import checked_fields
 from panobench.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,56 +53,22 @@ class Resampler(Protocol):
 def config_from_params(config_cls: type[C], in_dim: int, params: dict[str, Any] | None, *, name: str) -> C:
     """Build a frozen resampler config from a plain dict, rejecting unknown keys and ill-typed values.
 
+    The keys and types are checked by the run config's own checker (``config.checked_fields``), as the
+    ``resampler.params`` section of a run config; ranges and cross-field rules are each config's ``__post_init__``.
     ``params`` may repeat ``in_dim`` (as ``config_dict()`` output does) only if it agrees with ``in_dim``.
 
     Raises:
-        ConfigError: naming the offending key, the bad value and what was expected.
+        ConfigError: naming the resampler, the full key (``resampler.params.<key>``), the bad value and what was
+            expected.
     """
     params = dict(params or {})
     if "in_dim" in params and params.pop("in_dim") != in_dim:
         raise ConfigError(f"resampler {name!r}: params in_dim does not match the vision width {in_dim}")
-    hints = typing.get_type_hints(config_cls)
-    known = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
-    for key in sorted(params):
-        if key not in known:
-            raise ConfigError(
-                f"resampler {name!r}: unknown parameter {key!r}; expected one of {sorted(known - {'in_dim'})}"
-            )
-        _check_type(name, key, params[key], hints[key])
-    _check_type(name, "in_dim", in_dim, int)
-    return config_cls(in_dim=in_dim, **params)  # type: ignore[call-arg]
-
-
-def _check_type(name: str, key: str, value: Any, hint: Any) -> None:
-    """Strict scalar type check: bool is not an int, an int is accepted for a float, Literal lists its choices."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"resampler {name!r}: parameter {key!r}={value!r} is not one of {list(choices)}")
-        return
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                _check_type(name, key, value, option)
-                return
-            except ConfigError:
-                continue
-        raise ConfigError(f"resampler {name!r}: parameter {key!r}={value!r} has the wrong type; expected {hint}")
-    if hint is type(None):
-        ok = value is None
-    elif hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise ConfigError(
-            f"resampler {name!r}: parameter {key!r}={value!r} has the wrong type; expected {getattr(hint, '__name__', hint)}"
-        )
+    try:
+        fields = checked_fields(config_cls, {**params, "in_dim": in_dim}, "resampler.params")
+    except ConfigError as err:
+        raise ConfigError(f"resampler {name!r}: {err}") from None
+    return config_cls(**fields)
 
 
 def require_positive(name: str, **values: int | float) -> None:
