@@ -22,13 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(a stand-in for pre-training)")
     p.add_argument("--prompt-instruction", default=None,
                    help="the run config's prompt_instruction (default: panobench's); the warm-up uses the same prompt")
-    g = p.add_argument_group("pre-training stand-ins (panobench.models.pretrain_tiny), all on DIR/train.csv")
-    g.add_argument("--bridge-config", nargs="+", type=Path, default=None, metavar="CFG",
-                   help="resolved cell configs (one per resampler x overlap) whose throwaway bridges the LM is "
-                        "pre-trained through; enables the pre-training (the warm-up then holds scene context)")
-    g.add_argument("--scenes", type=Path, default=None, help="scenes.jsonl of the synthetic data (default DIR/...)")
-    g.add_argument("--vision-pretrain-steps", type=int, default=150, help="palette-patch steps for the tower")
-    g.add_argument("--image-pretrain-steps", type=int, default=300, help="caption steps through the bridges")
     p.set_defaults(func=_materialize)
 
 
@@ -39,18 +32,7 @@ def _materialize(args: argparse.Namespace) -> int:
     corpus = [args.data_dir / "train.csv", args.data_dir / "valid.csv"]
     from panobench.data.prompts import DEFAULT_INSTRUCTION
 
-    pretraining = None
-    if args.bridge_config:
-        from panobench.config import load_run_config
-        from panobench.models.pretrain_tiny import TinyPretraining
-
-        bridges = tuple(load_run_config(p) for p in args.bridge_config)
-        pretraining = TinyPretraining(
-            data_root=args.data_dir, train_csv=args.data_dir / "train.csv",
-            scenes=args.scenes or args.data_dir / "scenes.jsonl", bridge_configs=bridges,
-            vision_steps=args.vision_pretrain_steps, image_steps=args.image_pretrain_steps,
-            erp_size=(bridges[0].data.erp_height, bridges[0].data.erp_width))
     materialize_tiny_models(args.out, corpus, seed=args.seed, lm_warmup_steps=args.lm_warmup_steps,
                             lm_warmup_csv=args.data_dir / "train.csv",
-                            instruction=args.prompt_instruction or DEFAULT_INSTRUCTION, pretraining=pretraining)
+                            instruction=args.prompt_instruction or DEFAULT_INSTRUCTION)
     return 0

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tokenizers
 import torch
@@ -34,9 +34,6 @@ from panobench.data.prompts import (
 from panobench.errors import ConfigError, InputError
 from panobench.models.backbones import load_language_model, load_vision_backbone
 from panobench.utils.io import atomic_dir, write_json_atomic
-
-if TYPE_CHECKING:
-    from panobench.models.pretrain_tiny import TinyPretraining
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +147,6 @@ def materialize_tiny_models(
     lm_warmup_steps: int = 0,
     lm_warmup_csv: str | os.PathLike | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
-    pretraining: TinyPretraining | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/vision/``, ``out_dir/llm/`` and ``out_dir/materialize.json`` atomically.
 
@@ -167,9 +163,6 @@ def materialize_tiny_models(
         lm_warmup_csv: the CSV the warm-up reads (never the test split).
         instruction: the prompt instruction template (``prompt_instruction`` of the run config), so the warm-up
             sees byte-identical prompts to training and evaluation.
-        pretraining: pre-train the tiny backbones as :mod:`panobench.models.pretrain_tiny` describes (vision tower
-            on palette patches, LM warm-up with scene context, LM on images through throwaway bridges); then
-            ``lm_warmup_steps`` is the number of context warm-up steps and ``lm_warmup_csv`` is not used.
 
     Returns:
         The manifest written to ``materialize.json`` (paths, seed, resolved archs, corpus checksums, versions).
@@ -196,16 +189,7 @@ def materialize_tiny_models(
         vision = load_vision_backbone("tiny-siglip", init="random", arch=dict(vision_arch))
         torch.manual_seed(seed)
         llm = load_language_model("tiny-qwen3", init="random", arch=resolved_llm)
-    pretrained = None
-    if pretraining is not None:
-        from dataclasses import replace
-
-        from panobench.models.pretrain_tiny import pretrain_tiny_backbones
-
-        plan = replace(pretraining, context_steps=lm_warmup_steps)
-        pretrained = pretrain_tiny_backbones(vision, llm, tokenizer, instruction, plan, seed)
-        warmup = pretrained.pop("context_warm_up")
-    elif lm_warmup_steps > 0:
+    if lm_warmup_steps > 0:
         warmup = _warm_up_language_model(llm, tokenizer, lm_warmup_csv, lm_warmup_steps, seed, instruction)
     else:
         warmup = None
@@ -228,7 +212,6 @@ def materialize_tiny_models(
         "llm_params": sum(p.numel() for p in llm.parameters()),
         "corpus": [{"path": str(p), "sha256": _sha256(p)} for p in corpus_csvs],
         "lm_warmup": warmup,
-        "pretraining": pretrained,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }
