@@ -35,8 +35,8 @@ from panobench import matrix as pm
 from panobench.config import run_config_from_dict
 from panobench.measurement.flops import count_model_flops, datasheet_peak_flops, mfu
 from panobench.measurement.throughput import GIB, measured_peak_flops, summarize_step_times
-from panobench.training.builder import attach_lora, build_model, compile_blocks, enable_gradient_checkpointing
-from panobench.training.stages import component_of, declared_trainable
+from panobench.models.assembly import attach_lora, build_model, compile_blocks, enable_gradient_checkpointing
+from panobench.stages import STAGES, component_of
 from panobench.training.system import PanoVLMSystem
 from panobench.utils.repro import device_description, git_revision, package_versions
 
@@ -62,13 +62,14 @@ def run_config(wf: dict[str, Any], views: int, resampler: str, stage: str, batch
 def build_system(cfg: Any, stage: str, device: torch.device) -> PanoVLMSystem:
     """build_model + LoRA (stage 3) + gradient checkpointing + the stage's trainable set, as panobench train."""
     model, _, prompts = build_model(cfg, stage)
-    if stage == "finetune":
+    if STAGES[stage].attaches_lora:
         attach_lora(model, cfg)
     if cfg.stages[stage].gradient_checkpointing:
         enable_gradient_checkpointing(model)
     system = PanoVLMSystem(cfg, stage, model)
-    keep = declared_trainable(stage, resampler_has_grid=model.resampler.output_grid(model.vision.grid) is not None,
-                              train_resampler=cfg.stages[stage].train_resampler)
+    keep = STAGES[stage].trained_components(
+        resampler_has_grid=model.resampler.output_grid(model.vision.grid) is not None,
+        train_resampler=cfg.stages[stage].train_resampler)
     for name, p in system.named_parameters():
         p.requires_grad_(component_of(name) in keep)
     system.placeholder = prompts.placeholder_id
