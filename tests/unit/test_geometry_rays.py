@@ -204,3 +204,19 @@ def test_pool_geometry():
     assert pool_geometry(geom, 1) is geom
     with pytest.raises(ValueError, match="divide"):
         pool_geometry(geom, 3)
+
+
+def test_pooling_a_view_to_one_token_keeps_the_geometry_finite():
+    # The global view sees the whole sphere: pooled to one token its rays average to zero, and a renormalised zero
+    # vector was NaN (then every PE feature and every visual token of a tokens_per_view=1 model was NaN).
+    geom = view_geometry(plan_tiles(0.0), 8)
+    pooled = pool_geometry(geom, 8)
+    assert pooled.rays.shape == (5, 1, 3)
+    assert torch.isfinite(pooled.rays).all() and torch.isfinite(pooled.yaw).all() and torch.isfinite(pooled.pitch).all()
+    assert torch.allclose(pooled.rays.norm(dim=-1), torch.ones(5, 1), atol=1e-6)
+    # A tile's single token is still the renormalised mean of its rays (they do not cancel).
+    mean = geom.rays[0].double().mean(0)
+    assert torch.allclose(pooled.rays[0, 0].double(), mean / mean.norm(), atol=1e-6)
+    # The global token falls back to the ray of its window's centre patch.
+    centre = geom.rays[-1].view(8, 8, 3)[4, 4]
+    assert torch.allclose(pooled.rays[-1, 0], centre / centre.norm(), atol=1e-6)

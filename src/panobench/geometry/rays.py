@@ -183,7 +183,9 @@ def _geometry_from_rays(rays64: torch.Tensor, plan: TilePlan, grid: int, include
 def pool_geometry(geom: ViewGeometry, factor: int) -> ViewGeometry:
     """Geometry of the tokens left after ``factor × factor`` average pooling of each view's token grid.
 
-    Each pooled token's ray is the renormalised mean of the rays it pools.
+    Each pooled token's ray is the renormalised mean of the rays it pools. Where those rays cancel out (the global
+    view pooled to a single token sees the whole sphere: its rays average to zero), the ray of the window's centre
+    patch stands in, so the geometry stays finite.
 
     Args:
         geom: Geometry at the encoder's patch grid.
@@ -197,8 +199,12 @@ def pool_geometry(geom: ViewGeometry, factor: int) -> ViewGeometry:
     if factor == 1:
         return geom
     v, g, k = geom.num_views, geom.grid, factor
-    rays = geom.rays.double().reshape(v, g // k, k, g // k, k, 3).mean(dim=(2, 4)).reshape(v, -1, 3)
-    rays = rays / rays.norm(dim=-1, keepdim=True)
+    windows = geom.rays.double().reshape(v, g // k, k, g // k, k, 3)
+    mean = windows.mean(dim=(2, 4))
+    centre = windows[:, :, k // 2, :, k // 2, :]
+    norm = mean.norm(dim=-1, keepdim=True)
+    rays = torch.where(norm > 1e-6, mean / norm.clamp_min(1e-12), centre / centre.norm(dim=-1, keepdim=True))
+    rays = rays.reshape(v, -1, 3)
     pooled = _geometry_from_rays(rays, geom.plan, g // k, bool(geom.is_global.any()))
     return replace(pooled, is_global=geom.is_global.clone())
 
