@@ -104,7 +104,10 @@ def test_regenerating_replaces_previous_output_but_not_foreign_directories(tmp_p
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"width": 100, "height": 64}, "2:1"), ({"n_train": 0}, "n_train"),
-                                                ({"seed": -1}, "seed")])
+                                                ({"seed": -1}, "seed"),
+                                                # 5 objects have no number word: it was a KeyError mid-generation
+                                                ({"objects": (2, 5)}, r"objects per scene .* <= 4"),
+                                                ({"objects": (0, 2)}, "objects per scene")])
 def test_bad_parameters_are_refused(tmp_path, kwargs, field):
     with pytest.raises(ConfigError, match=field):
         generate_synthetic(tmp_path / "x", **{**SMALL, **kwargs})

@@ -472,9 +472,10 @@ def _csv_text(rows: list[tuple[str, str, str]]) -> str:
 def _check_params(seed: int, counts: dict[str, int], width: int, height: int, seam_fraction: float,
                   objects: tuple[int, int] = (2, 4)) -> None:
     lo, hi = objects
-    if not 1 <= lo <= hi <= len(PALETTE):
-        raise ConfigError(f"synthetic objects per scene must satisfy 1 <= min <= max <= {len(PALETTE)} (one colour "
-                          f"each), got {list(objects)}")
+    most = min(len(PALETTE), max(_NUMBER_WORDS))  # one colour each, and a number word for the scene answer
+    if not 1 <= lo <= hi <= most:
+        raise ConfigError(f"synthetic objects per scene must satisfy 1 <= min <= max <= {most} (one colour each, "
+                          f"counted in words), got {list(objects)}")
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"synthetic seed must be a non-negative integer, got {seed!r}")
     for split, n in counts.items():
