@@ -91,9 +91,10 @@ def test_training_beats_the_untrained_baseline(results: pd.DataFrame, measured) 
 
 # Issue 11's targets the embedded default does not meet yet (measured on its 16 cells: 2.25x the untrained baseline;
 # finetune CIDEr 2.41 vs blind 2.38, the trained model beating its blind self in 5 of 16 cells): the tiny models learn
-# the caption language in 70 steps but not yet where to look. Strict: when they start to pass, the suite says so.
+# the caption language in 70 steps but not where to look (docs/embedded-default.md: what was measured and tried).
+# Strict: when they start to pass, the suite says so.
 NOT_YET = pytest.mark.xfail(strict=True, reason="issue 11: the embedded default's tiny models do not learn to use "
-                                                "the image in their short schedule yet")
+                                                "the image in their short schedule (docs/embedded-default.md)")
 
 
 @NOT_YET
