@@ -111,18 +111,38 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     assert _imports(tree, "panobench.evaluation.generate") == [(2, "panobench.training.runner")]
 
 
-@pytest.mark.parametrize("module, forbidden", [
+# What must not be loaded with each module (the test's parameters) ...
+NOT_LOADED_WITH = [
     ("panobench.evaluation.generate", ("panobench.training", "lightning")),
     ("panobench.models.assembly", ("panobench.training", "panobench.evaluation", "lightning")),
     ("panobench.stages", ("torch", "panobench.config")),
     ("panobench.matrix", ("torch",)),
-])
-def test_module_loads_without_the_layers_above(module, forbidden):
+]
+# ... and the order one fresh interpreter imports them in (see `loaded_after`): lightest first, each module before
+# any module that may import it.
+IMPORT_ORDER = ["panobench.stages", "panobench.matrix", "panobench.models.assembly", "panobench.evaluation.generate"]
+
+
+@pytest.fixture(scope="module")
+def loaded_after() -> dict[str, list[str]]:
+    """{module: sorted(sys.modules) right after importing it}: one fresh interpreter imports IMPORT_ORDER in order.
+
+    Every module X loads is in the list after X's import, whatever was imported before it, so a leak cannot hide;
+    a forbidden module an earlier one loaded would be blamed on X too (a false failure, never a false pass). One
+    interpreter instead of one per module: torch and transformers are loaded once, not twice."""
+    code = ("import importlib, json, sys\n"
+            "for module in json.loads(sys.argv[1]):\n"
+            "    importlib.import_module(module)\n"
+            "    print(json.dumps([module, sorted(sys.modules)]))\n")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(IMPORT_ORDER)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(SRC.parent)})
+    return dict(json.loads(line) for line in out.stdout.splitlines() if line.startswith('["panobench'))
+
+
+@pytest.mark.parametrize("module, forbidden", NOT_LOADED_WITH)
+def test_module_loads_without_the_layers_above(module, forbidden, loaded_after):
     """Imported in a fresh interpreter: nothing above it (or heavy) ends up in sys.modules."""
-    code = (f"import importlib, json, sys; importlib.import_module({module!r}); "
-            "print(json.dumps(sorted(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(SRC.parent)})
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(IMPORT_ORDER) == sorted(m for m, _ in NOT_LOADED_WITH)
+    loaded = loaded_after[module]
     leaked = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert leaked == []
