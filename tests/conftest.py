@@ -2,7 +2,8 @@
 
 Each xdist worker builds its own session fixtures, so tests that share one (the SLURM test cluster, the container
 image, the integration and reliability set-ups, the embedded default's run) must stay on one worker: they get one
-``xdist_group`` per directory or module. The slow workflow tests that share nothing (the GPU sessions' CPU modes)
+``xdist_group`` per directory or module. tests/cluster and tests/container are one group: both compare a run with
+the same local reference run of small.yaml (``small_local_run`` below), made once. The slow workflow tests that share nothing (the GPU sessions' CPU modes)
 are groups of their own, so the two workers can run them side by side.
 
 Groups are handed out in collection order, so the longest ones go first: a worker that starts the embedded
@@ -12,22 +13,28 @@ status polls: beside a CPU-bound group they cost little.
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-# Directories whose tests share session fixtures (conftest.py / helpers there): one group each.
-SHARED_DIRECTORIES = ("cluster", "container", "integration", "reliability")
+# Directories whose tests share session fixtures (conftest.py / helpers there) -> their group. cluster and container
+# share `small_local_run`.
+SHARED_DIRECTORIES = {"cluster": "cluster+container", "container": "cluster+container",
+                      "integration": "integration", "reliability": "reliability"}
 # Modules whose slow tests share nothing: one group per test.
 INDEPENDENT_MODULES = ("workflow/test_gpu_speed_config.py",)
 # Longest first (seconds on a 2-core CI machine, from `--durations`); everything else keeps its place after these.
 LONGEST_FIRST = (
     "workflow/test_embedded_default.py",          # the default matrix, ~8 min
-    "container",                                  # a cold root filesystem build (~5 min) and two small runs
+    "cluster+container",                          # a cold root filesystem build (~5 min), small.yaml locally, in
+                                                  # the image and through SLURM (polls), the SLURM smoke test
     "workflow/test_gpu_speed_config.py::test_ddp_session_cpu_mode",
     "workflow/test_gpu_speed_config.py::test_single_gpu_session_cpu_mode",
-    "cluster",
     "reliability",
     "workflow/test_gpu_speed_config.py::test_smoke_variant_runs_through_the_workflow",
     "integration",
@@ -39,7 +46,7 @@ def xdist_group_of(item: pytest.Item) -> str:
     rel = Path(item.path).resolve().relative_to(TESTS).as_posix()
     top = rel.split("/", 1)[0]
     if top in SHARED_DIRECTORIES:
-        return top
+        return SHARED_DIRECTORIES[top]
     if rel in INDEPENDENT_MODULES and item.get_closest_marker("slow"):
         return f"{rel}::{item.name}"
     return rel
@@ -87,3 +94,44 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("measured")
         for line in lines:
             terminalreporter.line(line)
+
+
+# ------------------------------------------------------------------------------------------------ shared runs
+def _workflow_helpers():
+    """tests/workflow/workflow_helpers.py (copy_workflow, run_snakemake) under a name of its own."""
+    spec = importlib.util.spec_from_file_location("_panobench_workflow_helpers_shared",
+                                                  TESTS / "workflow" / "workflow_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL_LOCAL_TIMEOUT_S = 1200
+
+
+@dataclass
+class BackgroundRun:
+    """A workflow run started in a background thread: ``result()`` waits for it (and re-raises its failure, with
+    its output and job logs) and returns its working directory."""
+
+    workdir: Path
+    future: Future
+
+    def result(self) -> Path:
+        self.future.result()
+        return self.workdir
+
+
+@pytest.fixture(scope="session")
+def small_local_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundRun]:
+    """``snakemake --cores 2 --configfile config/small.yaml`` in a scratch copy of the workflow, once per session:
+    the local reference that tests/cluster (the SLURM run) and tests/container (the run in the image) compare with.
+
+    It starts when first requested and runs while the requesting test runs its own side (the two cores are idle in
+    each run's serial stretches); the tests call ``result()`` when they need it."""
+    helpers = _workflow_helpers()
+    workdir = helpers.copy_workflow(tmp_path_factory.mktemp("small-local") / "wf")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(helpers.run_snakemake, workdir, "--cores", "2", "--configfile", "config/small.yaml",
+                             timeout=SMALL_LOCAL_TIMEOUT_S)
+        yield BackgroundRun(workdir, future)

@@ -1,7 +1,8 @@
 """The small experiment matrix runs through sbatch on the one-node test cluster and reports what a local run reports.
 
 Two scratch copies of the workflow run ``config/small.yaml`` (2 cells: overlap 0.0 and 0.5, stage 2 -> stage 3 ->
-generate -> score -> report): one with ``--profile profiles/slurm-ci``, one locally with ``--cores 2``. The test
+generate -> score -> report): one with ``--profile profiles/slurm-ci``, one locally with ``--cores 2`` (the session's
+``small_local_run``, tests/conftest.py: tests/container compares its container run with the same one). The test
 ties every GPU-rule job (train_resampler, train_finetune, generate) of every cell to a COMPLETED SLURM job that
 slurmctld recorded for this run, prints the job table (shown in CI output), and checks that both reports agree on
 everything except what legitimately varies between runs (timings, memory, process ids).
@@ -14,7 +15,6 @@ import json
 import math
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.workflow, pytest.mark.slow]
 # Observed 306 s on a quiet 2-core machine, 8.4 min with other test runs loading it (15 min before
 # profiles/slurm-ci grouped its CPU rules). run_on_cluster stops it early if the queue is stuck.
 SLURM_TIMEOUT_S = 1000
-LOCAL_TIMEOUT_S = 900
 GPU_RULES = ("train_resampler", "train_finetune", "generate")
 # Columns that measure the run rather than the experiment (speed, memory, the host): measured (non-null) in exactly
 # the same rows in both runs, but their values may differ.
@@ -99,25 +98,24 @@ def _print_job_table(rows: list[tuple[str, str, str, str]], wall_s: float, path:
     measured("\n" + text)  # the CI log must show which SLURM jobs ran
 
 
-def test_small_matrix_runs_through_sbatch_and_matches_local(slurm_cluster: SlurmCluster, tmp_path: Path, measured) -> None:
-    # The same sub-matrix twice: locally (the reference report) and on the SLURM test cluster. They run at the same
-    # time: the SLURM run spends most of its wall time waiting for status polls, the local run fills those gaps.
-    local = WF.copy_workflow(tmp_path / "local")
+def test_small_matrix_runs_through_sbatch_and_matches_local(
+    small_local_run, slurm_cluster: SlurmCluster, tmp_path: Path, measured
+) -> None:
+    # The same sub-matrix twice: locally (the reference report, tests/conftest.py's small_local_run, which
+    # tests/container compares with too) and on the SLURM test cluster. The local run starts in the background
+    # before the cluster (if no earlier test started it): the SLURM run spends most of its wall time waiting for
+    # status polls, the local run fills those gaps.
     wf = WF.copy_workflow(tmp_path / "slurm")
     env = {**WF.snakemake_env(), "SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        local_run = pool.submit(
-            WF.run_snakemake, local, "--cores", "2", "--configfile", "config/small.yaml", timeout=LOCAL_TIMEOUT_S
-        )
-        run = run_on_cluster(
-            slurm_cluster,
-            [sys.executable, "-m", "snakemake", "--profile", str(REPO_ROOT / "profiles" / "slurm-ci"),
-             "--configfile", "config/small.yaml"],
-            wf,
-            env,
-            SLURM_TIMEOUT_S,
-        )
-        local_run.result()   # re-raises the local run's failure, with its job logs
+    run = run_on_cluster(
+        slurm_cluster,
+        [sys.executable, "-m", "snakemake", "--profile", str(REPO_ROOT / "profiles" / "slurm-ci"),
+         "--configfile", "config/small.yaml"],
+        wf,
+        env,
+        SLURM_TIMEOUT_S,
+    )
+    local = small_local_run.result()   # re-raises the local run's failure, with its job logs
     wall_s, log = run.wall_s, run.log
     (tmp_path / "slurm_snakemake.log").write_text(log)
     assert run.returncode == 0 and not run.problem, failure_message(slurm_cluster, run, tail=8000)
